@@ -1,0 +1,38 @@
+# sisy-celery: `make demo` and `make test` set up everything they need in .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PYTEST := $(BIN)/python -m pytest
+
+.PHONY: install demo test test-unit test-postgres test-e2e bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/python example/demo.py
+
+# Unit tests on SQLite, the same suite on PostgreSQL, then real worker/beat processes.
+test: install test-unit test-postgres test-e2e
+
+test-unit: install
+	$(PYTEST) -m "not e2e and not browser"
+
+test-postgres: install
+	SISY_TEST_DB=postgres $(PYTEST) -m "not e2e and not browser"
+
+test-e2e: install
+	$(PYTEST) -m "e2e or browser"
+
+bench: install
+	$(BIN)/python -m pip install -q -r bench/requirements.txt
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) example/var artifacts .pytest_cache .hypothesis

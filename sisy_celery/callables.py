@@ -1,0 +1,295 @@
+"""Function info: how a callable is stored in a Task row and found again in a worker.
+
+A callable is kept as a small JSON dict (``func_type``, ``module_name``,
+``func_path`` …) instead of a pickle, so a row can be read, audited and edited
+safely; a worker imports it again by dotted path. Only module-level functions,
+static and class methods of module-level classes, and methods of saved Django
+model instances can be found that way, so everything else is refused up front.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any, Callable
+
+from . import conf
+
+FUNC_TYPES = ("function", "staticmethod", "classmethod", "instancemethod")
+
+
+class CallableError(ValueError):
+    """A callable that cannot be stored, found or allowed; the message says how to fix it."""
+
+
+def is_allowed(module_name: str, allowed: list[str] | None = None) -> bool:
+    """True if ``module_name`` is under one of the allowed prefixes (None allows every module)."""
+    prefixes = conf.allowed_modules() if allowed is None else allowed
+    if prefixes is None:
+        return True
+    return any(module_name == p or module_name.startswith(p + ".") for p in prefixes)
+
+
+def check_allowed(info: dict[str, Any]) -> None:
+    module = info.get("module_name", "")
+    if not is_allowed(module):
+        raise CallableError(
+            f"Callable {info.get('func_path')!r} is not allowed: module {module!r} is not under "
+            f"SISY_ALLOWED_MODULES {conf.allowed_modules()!r}. Add its module prefix to that setting."
+        )
+
+
+def call_arity(func: Callable[..., Any], path: str) -> int:
+    """1 if ``func`` is called with ``message``, 0 if with nothing; CallableError otherwise."""
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):
+        raise CallableError(f"{path!r} is not a callable object whose signature can be read.") from None
+    for args in ((object(),), ()):
+        try:
+            signature.bind(*args)
+        except TypeError:
+            continue
+        return len(args)
+    raise CallableError(
+        f"{path!r} has the signature {signature}; a scheduled callable must take one argument "
+        f"(message) or none, e.g. 'def job(message): ...'."
+    )
+
+
+def get_func_info(the_callable: Any, pk_override: Any = None) -> dict[str, Any]:
+    """Encode a callable or dotted path as function info, refusing what a worker could not run."""
+    if isinstance(the_callable, str):
+        func = func_from_string(the_callable)
+        if pk_override is not None:
+            return _instance_info_from_path(the_callable, func, pk_override)
+        return get_func_info(func)
+    info = _encode(the_callable, pk_override)
+    check_allowed(info)
+    return info
+
+
+def _instance_info_from_path(path: str, func: Any, pk: Any) -> dict[str, Any]:
+    """A dotted ``module.Model.method`` plus a primary key (used in data migrations)."""
+    owner = _import_attr(path.rsplit(".", 1)[0])
+    if not inspect.isfunction(func) or not _is_model_class(owner):
+        raise CallableError(
+            f"pk_override needs the path of a Django model instance method, e.g. "
+            f"'app.models.Model.method'; {path!r} is not one."
+        )
+    info = _instance_info(owner, func.__name__, pk, path)
+    _check_method_signature(getattr(owner, func.__name__), path)
+    check_allowed(info)
+    return info
+
+
+def _encode(obj: Any, pk_override: Any) -> dict[str, Any]:
+    if inspect.ismethod(obj):
+        owner = obj.__self__
+        func = obj.__func__
+        if inspect.isclass(owner):
+            _check_module_level(owner, _path_of(func))
+            path = f"{owner.__module__}.{owner.__qualname__}.{func.__name__}"
+            info = _base("classmethod", owner.__module__, func.__name__, path)
+            info.update(class_name=owner.__qualname__, class_path=f"{owner.__module__}.{owner.__qualname__}")
+            call_arity(obj, path)
+            _check_round_trip(info, obj)
+            return info
+        cls = type(owner)
+        if not _is_model_class(cls):
+            raise CallableError(
+                f"{_path_of(func)!r} is a method of a {cls.__qualname__} object; only methods of saved "
+                f"Django model instances can be scheduled (a worker loads the row by primary key)."
+            )
+        cls = _real_model(cls)
+        _check_module_level(cls, _path_of(func))
+        pk = owner.pk if pk_override is None else pk_override
+        if pk is None:
+            raise CallableError(
+                f"{cls.__qualname__} instance is not saved: save it before scheduling its "
+                f"method {func.__name__!r}, or pass pk_override."
+            )
+        path = f"{cls.__module__}.{cls.__qualname__}.{func.__name__}"
+        info = _instance_info(cls, func.__name__, pk, path)
+        _check_method_signature(getattr(cls, func.__name__), path)
+        return info
+    if inspect.isfunction(obj):
+        path = _path_of(obj)
+        qualname = obj.__qualname__
+        if "<lambda>" in qualname or "<locals>" in qualname:
+            raise CallableError(
+                f"{path!r} is a lambda or a function defined inside another function; a worker can "
+                f"only import module-level callables. Define it at module level and schedule that."
+            )
+        parts = qualname.split(".")
+        if len(parts) > 2:
+            raise CallableError(
+                f"{path!r} belongs to a nested class; a worker can only find methods of module-level "
+                f"classes. Move the class to module level."
+            )
+        if len(parts) == 2:
+            owner = _import_attr(f"{obj.__module__}.{parts[0]}")
+            if pk_override is not None and _is_model_class(owner):
+                info = _instance_info(owner, obj.__name__, pk_override, path)
+                _check_method_signature(getattr(owner, obj.__name__), path)
+                return info
+            if not isinstance(inspect.getattr_static(owner, obj.__name__, None), staticmethod):
+                raise CallableError(
+                    f"{path!r} is an instance method reached through its class; schedule the bound "
+                    f"method of a saved model instance (instance.{obj.__name__}) or pass pk_override."
+                )
+            info = _base("staticmethod", obj.__module__, obj.__name__, path)
+            info.update(class_name=parts[0], class_path=f"{obj.__module__}.{parts[0]}")
+        else:
+            info = _base("function", obj.__module__, obj.__name__, path)
+        call_arity(obj, path)
+        _check_round_trip(info, obj)
+        return info
+    raise CallableError(
+        f"{obj!r} is not a function or method. Schedule a module-level function, a static or class "
+        f"method, a saved model instance's method, or a dotted path to one of those."
+    )
+
+
+def _base(func_type: str, module: str, name: str, path: str) -> dict[str, Any]:
+    return {"func_type": func_type, "module_name": module, "func_name": name, "func_path": path}
+
+
+def _instance_info(cls: type, name: str, pk: Any, path: str) -> dict[str, Any]:
+    info = _base("instancemethod", cls.__module__, name, path)
+    info.update(
+        class_name=cls.__qualname__,
+        class_path=f"{cls.__module__}.{cls.__qualname__}",
+        model=cls._meta.label,
+        model_pk=_json_pk(pk),
+    )
+    return info
+
+
+def _json_pk(pk: Any) -> Any:
+    if isinstance(pk, (int, str)) and not isinstance(pk, bool):
+        return pk
+    return str(pk)
+
+
+def _path_of(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def _is_model_class(obj: Any) -> bool:
+    from django.db import models
+
+    return inspect.isclass(obj) and issubclass(obj, models.Model)
+
+
+def _real_model(cls: type) -> type:
+    """Map a migration's historical model to the project's real model class."""
+    if cls.__module__ == "__fake__":
+        from django.apps import apps
+
+        return apps.get_model(cls._meta.label)
+    return cls
+
+
+def _check_module_level(cls: type, path: str) -> None:
+    if "." in cls.__qualname__ or "<locals>" in cls.__qualname__:
+        raise CallableError(
+            f"{path!r} belongs to a nested or local class; a worker can only find methods of "
+            f"module-level classes. Move the class to module level."
+        )
+
+
+def _check_method_signature(unbound: Any, path: str) -> None:
+    """An instance method is called as ``instance.method(message)`` or ``instance.method()``."""
+    if not inspect.isfunction(unbound):
+        raise CallableError(f"{path!r} is not a plain method of the model.")
+    call_arity(unbound.__get__(object()), path)
+
+
+def _check_round_trip(info: dict[str, Any], obj: Any) -> None:
+    """Refuse callables whose dotted path leads somewhere else (e.g. decorated without wraps)."""
+    found = func_from_string(info["func_path"])
+    if getattr(found, "__func__", found) is not getattr(obj, "__func__", obj):
+        raise CallableError(
+            f"{info['func_path']!r} does not lead back to the callable given (is it wrapped by a "
+            f"decorator without functools.wraps, or shadowed?). Schedule the module-level name."
+        )
+
+
+def _import_attr(path: str) -> Any:
+    """Import the longest importable module prefix of ``path`` and walk the rest with getattr."""
+    if not isinstance(path, str) or not path or len(path) > 500:
+        raise CallableError(f"{path!r} is not a dotted path such as 'billing.jobs.close_day'.")
+    parts = path.split(".")
+    if any(not p.isidentifier() for p in parts):
+        raise CallableError(
+            f"{path!r} is not a dotted path of Python names such as 'billing.jobs.close_day' "
+            f"(relative paths and other characters are not accepted)."
+        )
+    for cut in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+                continue  # no such module: try a shorter prefix
+            raise CallableError(f"Importing {module_name!r} failed: {exc}. Fix the module.") from exc
+        except Exception as exc:  # the module exists but fails to import
+            raise CallableError(
+                f"Importing {module_name!r} raised {type(exc).__name__}: {exc}. Fix the module."
+            ) from exc
+        for index, name in enumerate(parts[cut:], start=cut):
+            if name.startswith("__"):
+                raise CallableError(f"{path!r} names a private attribute {name!r}; that is not allowed.")
+            try:
+                # getattr_static first: never evaluate properties or descriptors of instances.
+                inspect.getattr_static(obj, name)
+            except AttributeError:
+                raise CallableError(
+                    f"{name!r} is not a member of {'.'.join(parts[:index])!r} "
+                    f"(from {path!r}). Check the spelling of the dotted path."
+                ) from None
+            obj = getattr(obj, name)
+        return obj
+    raise CallableError(f"Module {parts[0]!r} not found (from {path!r}). Check the dotted path and PYTHONPATH.")
+
+
+def func_from_string(path: str) -> Callable[..., Any]:
+    """Resolve a dotted path to a schedulable callable, with a clear error for everything else."""
+    if not isinstance(path, str) or path.count(".") < 1:
+        raise CallableError(
+            f"{path!r} is not a full dotted path: name the module and the callable, "
+            f"e.g. 'billing.jobs.close_day'."
+        )
+    obj = _import_attr(path)
+    if inspect.ismodule(obj):
+        raise CallableError(f"{path!r} is a module; name a function inside it.")
+    if inspect.isclass(obj):
+        raise CallableError(f"{path!r} is a class; name a function or method, not the class.")
+    if not (inspect.isfunction(obj) or inspect.ismethod(obj)):
+        raise CallableError(
+            f"{path!r} ({type(obj).__name__}) is not a function or method that can be scheduled."
+        )
+    return obj
+
+
+def resolve(info: dict[str, Any]) -> Callable[..., Any]:
+    """Find the callable function info stands for (in a worker); CallableError if it is gone."""
+    if not isinstance(info, dict) or info.get("func_type") not in FUNC_TYPES:
+        raise CallableError(f"Function info {info!r} is not valid: recreate the task with task_with_callable.")
+    check_allowed(info)
+    if info["func_type"] != "instancemethod":
+        return func_from_string(info["func_path"])
+    cls = _import_attr(info["class_path"])
+    if not _is_model_class(cls):
+        raise CallableError(f"{info['class_path']!r} is no longer a Django model.")
+    try:
+        instance = cls._default_manager.get(pk=info["model_pk"])
+    except cls.DoesNotExist:
+        raise CallableError(
+            f"{cls._meta.label} with pk {info['model_pk']!r} no longer exists, so "
+            f"{info['func_path']!r} cannot run. Delete this task or point it at an existing row."
+        ) from None
+    method = inspect.getattr_static(instance, info["func_name"], None)
+    if not inspect.isfunction(method):
+        raise CallableError(f"{info['func_path']!r} is no longer a method of {cls._meta.label}.")
+    return getattr(instance, info["func_name"])

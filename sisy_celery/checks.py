@@ -1,0 +1,67 @@
+"""Django system checks for sisy-celery settings: misconfiguration fails at start, not at 3 a.m."""
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import Error, Warning, register
+
+from . import conf, schedules
+
+
+@register()
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    errors: list[Any] = []
+    try:
+        schedules.validate(conf.default_schedule())
+    except ValueError as exc:
+        errors.append(Error(
+            f"SISY_DEFAULT_SCHEDULE is not a valid cron string: {exc}",
+            hint="Set it to a cron string such as '* * * * *' or remove it.",
+            id="sisy_celery.E001",
+        ))
+    try:
+        conf.get_zone()
+    except ValueError:
+        errors.append(Error(
+            f"The time zone {conf.timezone_name()!r} (from SISY_TIMEZONE, CELERY_TIMEZONE or TIME_ZONE) is unknown.",
+            hint="Use an IANA zone name such as 'UTC' or 'Europe/Paris'.",
+            id="sisy_celery.E002",
+        ))
+    allowed = getattr(settings, "SISY_ALLOWED_MODULES", None)
+    if allowed is not None and (
+        isinstance(allowed, str)
+        or not isinstance(allowed, (list, tuple, set, frozenset))
+        or not all(isinstance(p, str) and p and all(part.isidentifier() for part in p.split(".")) for p in allowed)
+    ):
+        errors.append(Error(
+            f"SISY_ALLOWED_MODULES must be None or a list of dotted module prefixes, got {allowed!r}.",
+            hint="For example SISY_ALLOWED_MODULES = ['billing.jobs', 'reports'].",
+            id="sisy_celery.E003",
+        ))
+    elif allowed is None and not settings.DEBUG:
+        errors.append(Warning(
+            "SISY_ALLOWED_MODULES is not set, so a task may call any importable function.",
+            hint="List the module prefixes your scheduled callables live in, e.g. ['billing.jobs'].",
+            id="sisy_celery.W001",
+        ))
+    for name, default in (
+        ("SISY_HEARTBEAT_FREQUENCY", conf.DEFAULT_HEARTBEAT_FREQUENCY),
+        ("SISY_RUNNING_TIMEOUT", conf.DEFAULT_RUNNING_TIMEOUT),
+        ("SISY_BEAT_BATCH_SIZE", conf.DEFAULT_BEAT_BATCH_SIZE),
+    ):
+        value = getattr(settings, name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            errors.append(Error(
+                f"{name} must be a number greater than 0, got {value!r}.",
+                hint=f"Remove it to use the default ({default}) or set a positive number.",
+                id={"SISY_HEARTBEAT_FREQUENCY": "sisy_celery.E004", "SISY_RUNNING_TIMEOUT": "sisy_celery.E005",
+                    "SISY_BEAT_BATCH_SIZE": "sisy_celery.E006"}[name],
+            ))
+    if not settings.USE_TZ:
+        errors.append(Error(
+            "sisy-celery needs USE_TZ = True: schedules are evaluated in real time zones.",
+            hint="Set USE_TZ = True (the Django default).",
+            id="sisy_celery.E007",
+        ))
+    return errors

@@ -1,0 +1,69 @@
+"""Settings of sisy-celery, read from Django settings at call time.
+
+Every value is looked up when it is needed rather than at import, so
+``override_settings`` and per-process configuration always take effect.
+"""
+from __future__ import annotations
+
+import zoneinfo
+from datetime import tzinfo
+
+from django.conf import settings
+
+DEFAULT_SCHEDULE = "* * * * *"
+DEFAULT_HEARTBEAT_FREQUENCY = 60.0
+DEFAULT_RUNNING_TIMEOUT = 300.0
+DEFAULT_BEAT_BATCH_SIZE = 1000
+
+
+def default_schedule() -> str:
+    """``SISY_DEFAULT_SCHEDULE``: the cron string a task gets when none is given."""
+    return getattr(settings, "SISY_DEFAULT_SCHEDULE", DEFAULT_SCHEDULE)
+
+
+def heartbeat_frequency() -> float:
+    """``SISY_HEARTBEAT_FREQUENCY``: the longest beat sleeps before it looks at the database."""
+    return float(getattr(settings, "SISY_HEARTBEAT_FREQUENCY", DEFAULT_HEARTBEAT_FREQUENCY))
+
+
+def running_timeout() -> float:
+    """``SISY_RUNNING_TIMEOUT``: seconds a ``running`` claim lasts unless a worker renews it."""
+    return float(getattr(settings, "SISY_RUNNING_TIMEOUT", DEFAULT_RUNNING_TIMEOUT))
+
+
+def keep_finished_tasks() -> bool:
+    """``SISY_KEEP_FINISHED_TASKS``: disable finished tasks instead of deleting them."""
+    return bool(getattr(settings, "SISY_KEEP_FINISHED_TASKS", False))
+
+
+def allowed_modules() -> list[str] | None:
+    """``SISY_ALLOWED_MODULES``: dotted module prefixes whose callables may run (None = any)."""
+    value = getattr(settings, "SISY_ALLOWED_MODULES", None)
+    return None if value is None else list(value)
+
+
+def beat_batch_size() -> int:
+    """``SISY_BEAT_BATCH_SIZE``: due rows claimed per database round trip."""
+    return int(getattr(settings, "SISY_BEAT_BATCH_SIZE", DEFAULT_BEAT_BATCH_SIZE))
+
+
+def timezone_name() -> str:
+    """The zone cron strings are read in: ``SISY_TIMEZONE``, Celery's ``timezone``, ``TIME_ZONE``."""
+    for name in ("SISY_TIMEZONE", "CELERY_TIMEZONE"):
+        value = getattr(settings, name, None)
+        if value:
+            return str(value)
+    return settings.TIME_ZONE or "UTC"
+
+
+def get_zone(name: str | tzinfo | None = None) -> tzinfo:
+    """Return a tzinfo for ``name`` (None = the configured zone); ValueError if unknown."""
+    if isinstance(name, tzinfo):
+        return name
+    key = name or timezone_name()
+    try:
+        return zoneinfo.ZoneInfo(key)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError) as exc:
+        raise ValueError(
+            f"Unknown time zone {key!r}: use an IANA name such as 'UTC' or 'Europe/Paris'."
+        ) from exc

@@ -1,0 +1,331 @@
+"""The Task model and the public API kept from the original ``sisy`` app."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone as dt_timezone
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator
+from django.db import models
+from django.utils import timezone
+
+from . import conf, schedules
+from .callables import get_func_info
+
+HAS_NOT_RUN = datetime(1970, 1, 1, 0, 0, tzinfo=dt_timezone.utc)
+FAR_FUTURE = datetime(2217, 12, 31, 23, 59, tzinfo=dt_timezone.utc)
+
+# Fields whose change means the next run must be computed again.
+_SCHEDULING_FIELDS = ("schedule", "timezone", "start_running", "wait_for_schedule", "enabled")
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DEFAULT_SCHEDULE":
+        return conf.default_schedule()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def validate_schedule(value: str) -> None:
+    """Model/form validator: a cron string, with the bad field named."""
+    try:
+        schedules.validate(value)
+    except ValueError as exc:
+        raise ValidationError(str(exc), code="invalid_schedule") from None
+
+
+def validate_timezone(value: str) -> None:
+    if value:
+        try:
+            conf.get_zone(value)
+        except ValueError as exc:
+            raise ValidationError(str(exc), code="invalid_timezone") from None
+
+
+def check_userdata(value: Any) -> dict[str, Any]:
+    """Return ``value`` (None becomes {}) if it is a dict of JSON data, else raise ValueError."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"userdata must be a dict of JSON-serializable data, got {type(value).__name__}: "
+            f"pass e.g. {{'account': 42}}."
+        )
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ValueError(
+            f"userdata must be a dict of JSON-serializable data ({exc}): use only dicts with "
+            f"string keys, lists, strings, finite numbers, booleans and None."
+        ) from None
+    if "\\u0000" in text:
+        raise ValueError("userdata must not contain NUL characters (databases cannot store them).")
+    return value
+
+
+def check_delay_until(value: Any, now: datetime) -> datetime:
+    if not isinstance(value, datetime):
+        raise ValueError(f"delay_until must be a datetime.datetime instance, got {type(value).__name__}.")
+    if timezone.is_naive(value):
+        raise ValueError(
+            "delay_until must be timezone-aware: use e.g. django.utils.timezone.now() + timedelta(...)."
+        )
+    if value <= now:
+        raise ValueError(f"delay_until {value.isoformat()} is in the past: a task cannot start running in the past.")
+    return value
+
+
+class TaskQuerySet(models.QuerySet):
+    def due(self, now: datetime) -> "TaskQuerySet":
+        """Enabled tasks whose next run is at or before ``now``, earliest first (uses the index)."""
+        return self.filter(enabled=True, next_run__lte=now).order_by("next_run")
+
+
+class Task(models.Model):
+    label = models.CharField(max_length=255, blank=True, help_text="Name of the task; defaults to the callable's dotted path.")
+    schedule = models.CharField(
+        max_length=80,
+        default=conf.default_schedule,
+        validators=[validate_schedule],
+        help_text="Cron string: minute hour day-of-month month day-of-week [second].",
+    )
+    enabled = models.BooleanField(default=True, help_text="The task is not scheduled while this is off.")
+    start_running = models.DateTimeField(default=HAS_NOT_RUN, help_text="First time the task may run.")
+    end_running = models.DateTimeField(default=FAR_FUTURE, help_text="The task finishes once this has passed.")
+    wait_for_schedule = models.BooleanField(
+        default=True, help_text="Wait for the first cron slot; when off, the first run happens right away."
+    )
+    iterations = models.PositiveIntegerField(default=0, help_text="Runs left before the task finishes; 0 = forever.")
+    allow_overlap = models.BooleanField(
+        default=True, help_text="When off, a slot that comes due while a run is still going is skipped."
+    )
+    timezone = models.CharField(
+        max_length=63, blank=True, validators=[validate_timezone],
+        help_text="Zone the schedule is read in; blank = SISY_TIMEZONE / Celery's timezone / TIME_ZONE.",
+    )
+    queue = models.CharField(max_length=200, blank=True, help_text="Celery queue; blank = default routing.")
+    priority = models.PositiveSmallIntegerField(
+        null=True, blank=True, validators=[MaxValueValidator(255)], help_text="Message priority; empty = none."
+    )
+    expires = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Drop the message if not started this many seconds after its slot."
+    )
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    modified_at = models.DateTimeField(auto_now=True)
+    last_run = models.DateTimeField(default=HAS_NOT_RUN, editable=False)
+    next_run = models.DateTimeField(default=HAS_NOT_RUN, editable=False)
+    _func_info = models.JSONField(default=dict, editable=False)
+    _extra_data = models.JSONField(default=dict, blank=True)
+    running = models.BooleanField(default=False, editable=False)
+    in_flight = models.PositiveIntegerField(default=0, editable=False, help_text="Runs dispatched and not finished.")
+    lease_expires = models.DateTimeField(null=True, blank=True, editable=False)
+    last_status = models.CharField(max_length=20, blank=True, editable=False)
+    problem = models.TextField(blank=True, editable=False)
+
+    objects = TaskQuerySet.as_manager()
+
+    class Meta:
+        indexes = [models.Index(fields=["enabled", "next_run"], name="sisy_task_due_idx")]
+
+    def __str__(self) -> str:
+        return self.label or f"Task {self.pk}"
+
+    # -- loaded state, so save() writes only what this instance changed ----------------
+
+    @classmethod
+    def from_db(cls, db: str, field_names: Any, values: Any) -> "Task":
+        instance = super().from_db(db, field_names, values)
+        instance._remember()
+        return instance
+
+    def _remember(self) -> None:
+        self._loaded = {f.attname: _copy(self.__dict__[f.attname]) for f in self._meta.concrete_fields if f.attname in self.__dict__}
+
+    def _changed_fields(self) -> list[str]:
+        loaded = getattr(self, "_loaded", {})
+        return [
+            f.name for f in self._meta.concrete_fields
+            if f.attname in loaded and f.attname in self.__dict__ and self.__dict__[f.attname] != loaded[f.attname]
+        ]
+
+    # -- properties ---------------------------------------------------------------------
+
+    @property
+    def userdata(self) -> dict[str, Any]:
+        """The task's JSON user data; mutate it in place and ``save()`` to persist."""
+        if self._extra_data is None:
+            self._extra_data = {}
+        return self._extra_data
+
+    @userdata.setter
+    def userdata(self, value: dict[str, Any] | None) -> None:
+        self._extra_data = check_userdata(value)
+
+    @property
+    def funcinfo(self) -> dict[str, Any]:
+        return self._func_info
+
+    @property
+    def zone(self) -> Any:
+        return conf.get_zone(self.timezone or None)
+
+    @property
+    def callable_path(self) -> str:
+        return (self._func_info or {}).get("func_path", "")
+
+    @property
+    def result_tag(self) -> str:
+        """The ``periodic_task_name`` this task's results carry in django-celery-results."""
+        return f"sisy:{self.pk}"
+
+    # -- scheduling ---------------------------------------------------------------------
+
+    def following_run(self, after: datetime) -> datetime:
+        """The next slot of this task strictly after ``after``."""
+        return schedules.next_run(self.schedule, after, self.zone)
+
+    def first_run(self, now: datetime) -> datetime:
+        """When a new (or re-scheduled) task runs first, honouring start_running and wait_for_schedule."""
+        start = max(now, self.start_running)
+        if not self.wait_for_schedule and self.last_run == HAS_NOT_RUN:
+            return start
+        return self.following_run(start - timedelta(microseconds=1))
+
+    def clean(self) -> None:
+        errors = {}
+        for name, check in (("_extra_data", check_userdata),):
+            try:
+                check(getattr(self, name))
+            except ValueError as exc:
+                errors[name] = str(exc)
+        if self.start_running and self.end_running and self.end_running <= self.start_running:
+            errors["end_running"] = "end_running must be after start_running."
+        if errors:
+            raise ValidationError(errors)
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        schedules.validate(self.schedule)
+        if self.timezone:
+            conf.get_zone(self.timezone)
+        check_userdata(self._extra_data)
+        if not self._func_info:
+            raise ValueError(
+                "Task has no callable: create it with task_with_callable(), Task.run_iterations() or "
+                "Task.run_once(), or choose a callable in the admin form."
+            )
+        if not self.label:
+            self.label = self.callable_path
+        adding = self._state.adding
+        changed = None if adding else self._changed_fields()
+        if self.next_run == HAS_NOT_RUN or (changed and any(f in changed for f in _SCHEDULING_FIELDS)):
+            self.next_run = self.first_run(timezone.now())
+            self.problem = ""
+            if changed is not None:
+                changed += ["next_run", "problem"]
+        if changed is not None and kwargs.get("update_fields") is None and hasattr(self, "_loaded") \
+                and not kwargs.get("force_insert"):
+            # Write only what this instance changed: beat and workers update next_run,
+            # iterations and running concurrently, and a stale copy must not undo that.
+            kwargs["update_fields"] = sorted(set(changed) | {"modified_at"})
+        super().save(*args, **kwargs)
+        self._remember()
+
+    # -- the original's class methods ---------------------------------------------------
+
+    @classmethod
+    def run_iterations(
+        cls,
+        the_callable: Any,
+        iterations: int = 1,
+        label: str | None = None,
+        schedule: str = "* * * * * *",
+        userdata: dict[str, Any] | None = None,
+        run_immediately: bool = False,
+        delay_until: datetime | None = None,
+        **fields: Any,
+    ) -> "Task":
+        """Create, save and return a task that runs ``iterations`` times (0 = forever)."""
+        if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
+            raise ValueError(f"iterations must be a whole number >= 0 (0 = forever), got {iterations!r}.")
+        task = task_with_callable(the_callable, label=label, schedule=schedule, userdata=userdata, **fields)
+        task.iterations = iterations
+        if delay_until is not None:
+            task.start_running = check_delay_until(delay_until, timezone.now())
+        if run_immediately:
+            task.wait_for_schedule = False
+        task.save()
+        return task
+
+    @classmethod
+    def run_once(
+        cls,
+        the_callable: Any,
+        userdata: dict[str, Any] | None = None,
+        delay_until: datetime | None = None,
+        **fields: Any,
+    ) -> "Task":
+        """Create, save and return a task that runs once, right away or at ``delay_until``."""
+        return cls.run_iterations(
+            the_callable, iterations=1, userdata=userdata, run_immediately=True, delay_until=delay_until, **fields
+        )
+
+
+def _copy(value: Any) -> Any:
+    return json.loads(json.dumps(value)) if isinstance(value, (dict, list)) else value
+
+
+_SETTABLE = {
+    "enabled", "start_running", "end_running", "wait_for_schedule", "iterations", "allow_overlap",
+    "timezone", "queue", "priority", "expires",
+}
+
+
+def task_with_callable(
+    the_callable: Any,
+    label: str | None = None,
+    schedule: str | None = None,
+    userdata: dict[str, Any] | None = None,
+    pk_override: Any = None,
+    **fields: Any,
+) -> Task:
+    """Return an unsaved Task that calls ``the_callable`` on ``schedule``; save it to activate it.
+
+    ``fields`` may set any public field (``start_running``, ``allow_overlap``, ``queue`` …).
+    """
+    unknown = set(fields) - _SETTABLE
+    if unknown:
+        raise TypeError(f"task_with_callable() got unknown field(s) {sorted(unknown)}; settable: {sorted(_SETTABLE)}.")
+    schedule = conf.default_schedule() if schedule is None else schedule
+    schedules.validate(schedule)
+    info = get_func_info(the_callable, pk_override=pk_override)
+    task = Task(label=label or info["func_path"], schedule=schedule, _func_info=info, _extra_data=check_userdata(userdata))
+    for name, value in fields.items():
+        setattr(task, name, value)
+    if task.timezone:
+        conf.get_zone(task.timezone)
+    for name in ("start_running", "end_running"):
+        if name in fields and timezone.is_naive(fields[name]):
+            raise ValueError(f"{name} must be a timezone-aware datetime.")
+    return task
+
+
+def taskinfo_with_label(label: str) -> dict[str, Any]:
+    """The function info of the task labelled ``label`` (for reverse data migrations)."""
+    return Task.objects.get(label=label).funcinfo
+
+
+class BeatProcess(models.Model):
+    """One running (or recently running) beat process, for ``sisy_status`` health checks."""
+
+    ident = models.CharField(max_length=255, unique=True, help_text="host:pid")
+    hostname = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    started_at = models.DateTimeField()
+    last_tick = models.DateTimeField()
+
+    class Meta:
+        verbose_name_plural = "beat processes"
+
+    def __str__(self) -> str:
+        return self.ident

@@ -1,0 +1,173 @@
+"""Cron schedules: validation and the one function that computes the next run.
+
+Cron fields are read as local wall-clock time in a real time zone. Around DST
+changes we follow cronie/Vixie cron: a slot that falls in a skipped local hour
+runs at the first instant after the gap; a slot of a *fixed* hour that falls in
+a repeated local hour runs once (in the first copy); slots of a wildcard or
+stepped hour field run in both copies of the repeated hour.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone as dt_timezone, tzinfo
+from functools import lru_cache
+
+from croniter import croniter
+from croniter.croniter import CroniterBadDateError, CroniterError
+
+from . import conf
+
+__all__ = ["next_run", "validate", "describe_fields", "FIELD_NAMES"]
+
+FIELD_NAMES = ("minute", "hour", "day of month", "month", "day of week", "second")
+ALIASES = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+_FORMAT_HINT = (
+    "Use 5 fields 'minute hour day-of-month month day-of-week', optionally a 6th for "
+    "seconds, e.g. '30 2 * * *' or '* * * * * */10'."
+)
+_ONE_SECOND = timedelta(seconds=1)
+_UTC = dt_timezone.utc
+
+
+class Cron:
+    """A validated cron expression, ready to iterate over naive wall-clock times."""
+
+    __slots__ = ("expression", "fields", "wildcard_hour")
+
+    def __init__(self, expression: str) -> None:
+        self.expression = expression
+        self.fields = ALIASES.get(expression.strip().lower(), expression).split()
+        hour = self.fields[1]
+        self.wildcard_hour = hour.startswith("*") or "/" in hour
+
+    def following(self, wall: datetime) -> datetime:
+        """The first matching naive wall time strictly after ``wall``."""
+        return croniter(" ".join(self.fields), wall).get_next(datetime)
+
+
+def validate(schedule: object) -> str:
+    """Return ``schedule`` if it is a valid cron string, else raise ValueError naming the field."""
+    _parse(schedule)
+    return schedule  # type: ignore[return-value]
+
+
+@lru_cache(maxsize=4096)
+def _parse_cached(schedule: str) -> Cron:
+    if schedule.strip().lower() in ALIASES:
+        return Cron(schedule)
+    fields = schedule.split()
+    if len(fields) not in (5, 6):
+        raise ValueError(
+            f"Invalid cron schedule {schedule!r}: it has {len(fields)} fields. {_FORMAT_HINT}"
+        )
+    for index, value in enumerate(fields):
+        probe = ["*"] * len(fields)
+        probe[index] = value
+        if not croniter.is_valid(" ".join(probe)):
+            raise ValueError(
+                f"Invalid cron schedule {schedule!r}: field {index + 1} ({FIELD_NAMES[index]}) "
+                f"{value!r} is not valid. {_FORMAT_HINT}"
+            )
+    cron = Cron(schedule)
+    try:
+        cron.following(datetime(2000, 1, 1))
+    except CroniterBadDateError:
+        raise ValueError(
+            f"Invalid cron schedule {schedule!r}: no date ever matches it "
+            f"(check the day-of-month and month fields). {_FORMAT_HINT}"
+        ) from None
+    except (CroniterError, ValueError) as exc:
+        raise ValueError(f"Invalid cron schedule {schedule!r}: {exc}. {_FORMAT_HINT}") from None
+    return cron
+
+
+def _parse(schedule: object) -> Cron:
+    if not isinstance(schedule, str) or not schedule.strip():
+        raise ValueError(f"Invalid cron schedule {schedule!r}: it must be a non-empty string. {_FORMAT_HINT}")
+    return _parse_cached(schedule)
+
+
+def describe_fields(schedule: str) -> dict[str, str]:
+    """Map field names to their values, for display (the schedule must be valid)."""
+    return dict(zip(FIELD_NAMES, _parse(schedule).fields))
+
+
+def next_run(schedule: str, after: datetime, tz: str | tzinfo | None = None) -> datetime:
+    """Return the next run of ``schedule`` strictly after the aware instant ``after``.
+
+    ``tz`` is the zone the cron fields are read in (a name or tzinfo; None means
+    the configured zone). The result is an aware datetime in UTC.
+    """
+    if not isinstance(after, datetime) or after.tzinfo is None or after.utcoffset() is None:
+        raise ValueError(f"next_run needs an aware datetime for 'after', got {after!r}.")
+    cron = _parse(schedule)
+    zone = conf.get_zone(tz)
+    local = after.astimezone(zone)
+    wall = local.replace(tzinfo=None, fold=0)
+    candidate = cron.following(wall)
+    if local.fold == 0 and _is_ambiguous(wall, zone):
+        # ``after`` is in the first copy of a repeated hour. A later slot in that
+        # first copy comes first; failing that, a wildcard hour's slots in the
+        # second copy come before anything past the repeat.
+        if not _is_ambiguous(candidate, zone) and cron.wildcard_hour:
+            repeat_start = _repeat_start(wall, zone)
+            second = cron.following(repeat_start - _ONE_SECOND)
+            if _is_ambiguous(second, zone):
+                return second.replace(tzinfo=zone, fold=1).astimezone(_UTC)
+    while True:
+        for instant in _instants(candidate, zone, cron.wildcard_hour):
+            if instant > after:
+                return instant.astimezone(_UTC)
+        candidate = cron.following(candidate)
+
+
+def _instants(wall: datetime, zone: tzinfo, both_copies: bool) -> list[datetime]:
+    """The real instants a naive wall time stands for, in order, under the DST rule."""
+    first = wall.replace(tzinfo=zone, fold=0)
+    second = wall.replace(tzinfo=zone, fold=1)
+    if first.utcoffset() == second.utcoffset():
+        return [first]
+    if _exists(first, zone):
+        return [first, second] if both_copies else [first]
+    # Skipped by a forward change: run at the first instant after the gap.
+    return [_transition(second.astimezone(_UTC), first.astimezone(_UTC), zone)]
+
+
+def _exists(aware: datetime, zone: tzinfo) -> bool:
+    return aware.astimezone(_UTC).astimezone(zone).replace(tzinfo=None) == aware.replace(tzinfo=None)
+
+
+def _is_ambiguous(wall: datetime, zone: tzinfo) -> bool:
+    first = wall.replace(tzinfo=zone, fold=0)
+    second = wall.replace(tzinfo=zone, fold=1)
+    return first.utcoffset() != second.utcoffset() and _exists(first, zone)
+
+
+def _repeat_start(wall: datetime, zone: tzinfo) -> datetime:
+    """The naive wall time at which the repeated hour containing ``wall`` begins."""
+    first = wall.replace(tzinfo=zone, fold=0).astimezone(_UTC)
+    second = wall.replace(tzinfo=zone, fold=1).astimezone(_UTC)
+    change = _transition(first, second, zone)
+    return change.astimezone(zone).replace(tzinfo=None, fold=0)
+
+
+def _transition(low: datetime, high: datetime, zone: tzinfo) -> datetime:
+    """The first UTC instant in (low, high] whose offset is already that of ``high``."""
+    target = high.astimezone(zone).utcoffset()
+    while high - low > _ONE_SECOND:
+        middle = low + (high - low) / 2
+        middle = middle.replace(microsecond=0)
+        if middle <= low:
+            middle = low + _ONE_SECOND
+        if middle.astimezone(zone).utcoffset() == target:
+            high = middle
+        else:
+            low = middle
+    return high

@@ -1,0 +1,128 @@
+"""Worker-side bookkeeping: ``last_run``, ``iterations``, ``running`` and the running lease.
+
+The task body calls :func:`run_started` once it has accepted a message; Celery's
+``task_postrun`` and ``task_revoked`` signals then settle the run. Every update
+is a single conditional statement, so concurrent runs never lose each other's
+counts.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from datetime import timedelta
+from typing import Any
+
+from celery.signals import task_postrun, task_revoked
+from django.db import close_old_connections, models
+from django.db.models import Case, F, Value, When
+from django.db.models.functions import Greatest
+from django.utils import timezone
+
+from . import conf
+from .models import FAR_FUTURE, Task
+
+logger = logging.getLogger("sisy_celery.worker")
+
+TASK_NAME = "sisy.run_callable"
+
+
+def run_started(request: Any, task: Task) -> None:
+    """Record the start of an accepted run and keep its lease alive while it runs."""
+    now = timezone.now()
+    request.sisy_run = {"pk": task.pk, "iterations": task.iterations, "end_running": task.end_running}
+    Task.objects.filter(pk=task.pk).update(last_run=now, lease_expires=now + timedelta(seconds=conf.running_timeout()))
+    _leases.add(task.pk)
+
+
+def finish(queryset: models.QuerySet) -> int:
+    """Finish the tasks in ``queryset``: delete them, or disable them with SISY_KEEP_FINISHED_TASKS."""
+    if conf.keep_finished_tasks():
+        return queryset.update(enabled=False, running=False, in_flight=0, lease_expires=None)
+    return queryset.delete()[0]
+
+
+def _release(pk: Any, status: str, count_run: bool, limited: bool = True, ends: bool = True) -> None:
+    """Settle one run of task ``pk``: fewer in flight, one iteration used, finish if none remain.
+
+    ``limited`` / ``ends`` say whether the task had an iteration count / an end date
+    when the run started; they only spare queries that cannot match.
+    """
+    rows = Task.objects.filter(pk=pk)
+    if count_run and limited and finish(rows.filter(iterations=1, in_flight__lte=1)):
+        logger.info("sisy task id=%s finished: its last iteration ran", pk)
+        return
+    changes: dict[str, Any] = {
+        # ``running`` first: MySQL evaluates SET clauses left to right.
+        "running": Case(When(in_flight__gt=1, then=Value(True)), default=Value(False)),
+        "in_flight": Greatest(F("in_flight") - 1, Value(0)),
+        "lease_expires": Case(When(in_flight__gt=1, then=F("lease_expires")), default=Value(None)),
+    }
+    if count_run:
+        changes["iterations"] = Case(When(iterations__gt=1, then=F("iterations") - 1), default=F("iterations"))
+        changes["last_status"] = Value(status)
+    rows.update(**changes)
+    if ends and finish(rows.filter(in_flight=0, next_run__gt=F("end_running"), end_running__lt=FAR_FUTURE)):
+        logger.info("sisy task id=%s finished: its end_running has passed", pk)
+
+
+@task_postrun.connect
+def _on_postrun(sender: Any = None, task: Any = None, state: str | None = None, **kwargs: Any) -> None:
+    if getattr(sender, "name", None) != TASK_NAME:
+        return
+    run = getattr(task.request, "sisy_run", None)
+    if run is None:
+        return  # refused or dropped message: nothing was claimed by this run
+    _leases.discard(run["pk"])
+    _release(run["pk"], state or "", count_run=True, limited=run["iterations"] > 0,
+             ends=run["end_running"] < FAR_FUTURE)
+
+
+@task_revoked.connect
+def _on_revoked(sender: Any = None, request: Any = None, expired: bool = False, **kwargs: Any) -> None:
+    if getattr(sender, "name", None) != TASK_NAME or request is None:
+        return
+    args = getattr(request, "args", None) or []
+    if args:
+        logger.warning("sisy run of task id=%s was %s before it started", args[0], "dropped (expired)" if expired else "revoked")
+        _release(args[0], "REVOKED", count_run=False)
+
+
+class _LeaseKeeper:
+    """Renews the ``running`` lease of tasks this worker process is running, from one thread."""
+
+    def __init__(self) -> None:
+        self._running: Counter[Any] = Counter()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, pk: Any) -> None:
+        with self._lock:
+            self._running[pk] += 1
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="sisy-lease", daemon=True)
+                self._thread.start()
+
+    def discard(self, pk: Any) -> None:
+        with self._lock:
+            self._running[pk] -= 1
+            if self._running[pk] <= 0:
+                del self._running[pk]
+
+    def _loop(self) -> None:
+        event = threading.Event()
+        while True:
+            timeout = conf.running_timeout()
+            event.wait(max(timeout / 3, 0.2))
+            with self._lock:
+                pks = list(self._running)
+            if not pks:
+                continue
+            try:
+                close_old_connections()
+                Task.objects.filter(pk__in=pks).update(lease_expires=timezone.now() + timedelta(seconds=timeout))
+            except Exception:  # a database outage must not kill the lease thread
+                logger.exception("sisy could not renew running leases of tasks %s", pks)
+
+
+_leases = _LeaseKeeper()
