@@ -8,6 +8,8 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator
 from django.db import models
+from django.db.models import Case, F, Value, When
+from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from . import conf, schedules
@@ -80,6 +82,26 @@ class TaskQuerySet(models.QuerySet):
         """Enabled tasks whose next run is at or before ``now``, earliest first (uses the index)."""
         return self.filter(enabled=True, next_run__lte=now).order_by("next_run")
 
+    def release_run(self, **extra: Any) -> int:
+        """One dispatched run is over, or was never sent: one fewer in flight, ``running`` settled.
+
+        A single UPDATE, so concurrent runs never lose each other's counts. ``running``
+        and ``lease_expires`` come before ``in_flight`` because MySQL evaluates SET
+        clauses left to right.
+        """
+        return self.update(
+            running=Case(When(in_flight__gt=1, then=Value(True)), default=Value(False)),
+            lease_expires=Case(When(in_flight__gt=1, then=F("lease_expires")), default=Value(None)),
+            in_flight=Greatest(F("in_flight") - 1, Value(0), output_field=models.PositiveIntegerField()),
+            **extra,
+        )
+
+    def finish(self) -> int:
+        """Finish these tasks: delete them, or disable them with SISY_KEEP_FINISHED_TASKS."""
+        if conf.keep_finished_tasks():
+            return self.update(enabled=False, running=False, in_flight=0, lease_expires=None)
+        return self.delete()[0]
+
 
 class Task(models.Model):
     label = models.CharField(max_length=255, blank=True, help_text="Name of the task; defaults to the callable's dotted path.")
@@ -120,6 +142,9 @@ class Task(models.Model):
     running = models.BooleanField(default=False, editable=False)
     in_flight = models.PositiveIntegerField(default=0, editable=False, help_text="Runs dispatched and not finished.")
     lease_expires = models.DateTimeField(null=True, blank=True, editable=False)
+    claimed_slot = models.DateTimeField(
+        null=True, blank=True, editable=False, help_text="Slot of the latest dispatched run."
+    )
     last_status = models.CharField(max_length=20, blank=True, editable=False)
     problem = models.TextField(blank=True, editable=False)
 

@@ -14,9 +14,8 @@ from datetime import timedelta
 from typing import Any
 
 from celery.signals import task_postrun, task_revoked
-from django.db import close_old_connections, models
-from django.db.models import Case, F, Value, When
-from django.db.models.functions import Greatest
+from django.db import close_old_connections
+from django.db.models import Case, F, PositiveIntegerField, Value, When
 from django.utils import timezone
 
 from . import conf
@@ -35,13 +34,6 @@ def run_started(request: Any, task: Task) -> None:
     _leases.add(task.pk)
 
 
-def finish(queryset: models.QuerySet) -> int:
-    """Finish the tasks in ``queryset``: delete them, or disable them with SISY_KEEP_FINISHED_TASKS."""
-    if conf.keep_finished_tasks():
-        return queryset.update(enabled=False, running=False, in_flight=0, lease_expires=None)
-    return queryset.delete()[0]
-
-
 def _release(pk: Any, status: str, count_run: bool, limited: bool = True, ends: bool = True) -> None:
     """Settle one run of task ``pk``: fewer in flight, one iteration used, finish if none remain.
 
@@ -49,20 +41,18 @@ def _release(pk: Any, status: str, count_run: bool, limited: bool = True, ends: 
     when the run started; they only spare queries that cannot match.
     """
     rows = Task.objects.filter(pk=pk)
-    if count_run and limited and finish(rows.filter(iterations=1, in_flight__lte=1)):
+    if count_run and limited and rows.filter(iterations=1, in_flight__lte=1).finish():
         logger.info("sisy task id=%s finished: its last iteration ran", pk)
         return
-    changes: dict[str, Any] = {
-        # ``running`` first: MySQL evaluates SET clauses left to right.
-        "running": Case(When(in_flight__gt=1, then=Value(True)), default=Value(False)),
-        "in_flight": Greatest(F("in_flight") - 1, Value(0)),
-        "lease_expires": Case(When(in_flight__gt=1, then=F("lease_expires")), default=Value(None)),
-    }
+    extra: dict[str, Any] = {}
     if count_run:
-        changes["iterations"] = Case(When(iterations__gt=1, then=F("iterations") - 1), default=F("iterations"))
-        changes["last_status"] = Value(status)
-    rows.update(**changes)
-    if ends and finish(rows.filter(in_flight=0, next_run__gt=F("end_running"), end_running__lt=FAR_FUTURE)):
+        extra = {
+            "iterations": Case(When(iterations__gt=1, then=F("iterations") - 1), default=F("iterations"),
+                               output_field=PositiveIntegerField()),
+            "last_status": Value(status),
+        }
+    rows.release_run(**extra)
+    if ends and rows.filter(in_flight=0, next_run__gt=F("end_running"), end_running__lt=FAR_FUTURE).finish():
         logger.info("sisy task id=%s finished: its end_running has passed", pk)
 
 

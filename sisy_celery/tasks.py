@@ -6,11 +6,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery, current_app, shared_task
+from django.db.models import F, Q
 from celery.result import AsyncResult
 from django.utils import timezone
 
+from . import conf
 from .callables import CallableError, call_arity, check_allowed, resolve
 from .models import Task
+from .signals import run_started
 
 logger = logging.getLogger("sisy_celery.worker")
 
@@ -37,10 +40,15 @@ def send_options(task: Task, scheduled_for: datetime) -> dict[str, Any]:
     return options
 
 
-def send(task: Task, scheduled_for: datetime | None = None, app: Celery | None = None) -> AsyncResult:
-    """Publish one run of ``task`` for ``scheduled_for``; every dispatch path goes through here."""
-    slot = scheduled_for or timezone.now()
-    return (app or current_app).send_task(TASK_NAME, args=message_args(task, slot), **send_options(task, slot))
+def send(task: Task, scheduled_for: datetime, app: Celery | None = None, producer: Any = None) -> AsyncResult:
+    """Publish the run of ``task`` for the claimed slot ``scheduled_for``.
+
+    Every dispatch path (beat, admin "run now", ``sisy_run``) ends here, so routing,
+    priority, expiry and the result tag are the same whichever way a run starts.
+    """
+    return (app or current_app).send_task(
+        TASK_NAME, args=message_args(task, scheduled_for), producer=producer, **send_options(task, scheduled_for)
+    )
 
 
 @shared_task(bind=True, name=TASK_NAME)
@@ -60,8 +68,11 @@ def run_callable(self: Any, task_pk: Any, func_info: dict[str, Any], userdata: d
     except CallableError as exc:
         logger.error("sisy refused task id=%s label=%r: %s", task.pk, task.label, exc)
         raise RefusedMessage(str(exc)) from None
-    from .signals import run_started
-
+    slot = datetime.fromisoformat(scheduled_for) if scheduled_for else timezone.now()
+    if not task.allow_overlap and task.claimed_slot is not None and task.claimed_slot != slot:
+        logger.warning("sisy task id=%s label=%r: run for %s superseded by the claim for %s; not run",
+                       task.pk, task.label, scheduled_for, task.claimed_slot.isoformat())
+        return None
     run_started(self.request, task)
     try:
         func = resolve(func_info)
@@ -70,6 +81,27 @@ def run_callable(self: Any, task_pk: Any, func_info: dict[str, Any], userdata: d
         logger.error("sisy task id=%s label=%r cannot run: %s", task.pk, task.label, exc)
         Task.objects.filter(pk=task.pk).update(problem=str(exc))
         raise
-    slot = datetime.fromisoformat(scheduled_for) if scheduled_for else timezone.now()
     message = {"task": task, "userdata": task.userdata, "scheduled_for": slot}
     return func(message) if arity else func()
+
+
+class TaskBusy(Exception):
+    """``run_now`` was refused: the task is already running (overlap off) or out of iterations."""
+
+
+def run_now(task: Task, app: Celery | None = None) -> AsyncResult:
+    """Dispatch ``task`` now, claiming the run exactly as beat does (same rules, same routing)."""
+    now = timezone.now()
+    rows = Task.objects.filter(pk=task.pk)
+    if not task.allow_overlap:
+        rows = rows.filter(Q(in_flight=0) | Q(lease_expires__lt=now))
+    if task.iterations:
+        rows = rows.filter(Q(iterations=0) | Q(in_flight__lt=F("iterations")))
+    lease = now + timedelta(seconds=conf.running_timeout())
+    if not rows.update(in_flight=F("in_flight") + 1, running=True, lease_expires=lease, claimed_slot=now):
+        raise TaskBusy(f"Task {task.pk} ({task.label}) is already running or has no iterations left; not sent.")
+    try:
+        return send(task, now, app=app)
+    except Exception:
+        Task.objects.filter(pk=task.pk).release_run()
+        raise
