@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from celery import beat
-from django.db import DatabaseError, InterfaceError, close_old_connections, connection, transaction
+from django.db import DatabaseError, InterfaceError, connection, transaction
 from django.db.models import F, Value
 from django.utils import timezone
 
@@ -91,7 +91,8 @@ class Scheduler(beat.Scheduler):
     def tick_database(self) -> float:
         heartbeat = conf.heartbeat_frequency()
         try:
-            close_old_connections()
+            # One connection for the life of beat (no per-tick reconnect); a broken one
+            # raises below, is closed in _retry_later and reopened on the next tick.
             now = self.now()
             more = self.dispatch_due(now)
             self.record_status(now)
