@@ -8,6 +8,7 @@ stepped hour field run in both copies of the repeated hour.
 """
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta, timezone as dt_timezone, tzinfo
 from functools import lru_cache
 
@@ -32,6 +33,7 @@ _FORMAT_HINT = (
     "Use 5 fields 'minute hour day-of-month month day-of-week', optionally a 6th for "
     "seconds, e.g. '30 2 * * *' or '* * * * * */10'."
 )
+_RANDOM = re.compile(r"(?<![a-z])[rh](?![a-z])", re.IGNORECASE)
 _ONE_SECOND = timedelta(seconds=1)
 _UTC = dt_timezone.utc
 
@@ -63,11 +65,23 @@ def _parse_cached(schedule: str) -> Cron:
     if schedule.strip().lower() in ALIASES:
         return Cron(schedule)
     fields = schedule.split()
+    if fields[0].startswith("@"):
+        raise ValueError(
+            f"Invalid cron schedule {schedule!r}: unknown alias; the aliases are "
+            f"{', '.join(sorted(ALIASES))}. {_FORMAT_HINT}"
+        )
     if len(fields) not in (5, 6):
         raise ValueError(
             f"Invalid cron schedule {schedule!r}: it has {len(fields)} fields. {_FORMAT_HINT}"
         )
     for index, value in enumerate(fields):
+        if _RANDOM.search(value):
+            # croniter draws a new value for 'R' at every parse, so the slot would move each tick.
+            raise ValueError(
+                f"Invalid cron schedule {schedule!r}: field {index + 1} ({FIELD_NAMES[index]}) "
+                f"{value!r} is not valid: random (R) and hashed (H) values are not supported; "
+                f"use fixed numbers. {_FORMAT_HINT}"
+            )
         probe = ["*"] * len(fields)
         probe[index] = value
         if not croniter.is_valid(" ".join(probe)):
@@ -109,6 +123,9 @@ def next_run(schedule: str, after: datetime, tz: str | tzinfo | None = None) -> 
         raise ValueError(f"next_run needs an aware datetime for 'after', got {after!r}.")
     cron = _parse(schedule)
     zone = conf.get_zone(tz)
+    # Work in UTC: two datetimes of the same tzinfo compare as naive wall times (PEP 495),
+    # so an ``after`` in the second copy of a repeated hour would look earlier than it is.
+    after = after.astimezone(_UTC)
     local = after.astimezone(zone)
     wall = local.replace(tzinfo=None, fold=0)
     candidate = cron.following(wall)
@@ -124,18 +141,19 @@ def next_run(schedule: str, after: datetime, tz: str | tzinfo | None = None) -> 
     while True:
         for instant in _instants(candidate, zone, cron.wildcard_hour):
             if instant > after:
-                return instant.astimezone(_UTC)
+                return instant
         candidate = cron.following(candidate)
 
 
 def _instants(wall: datetime, zone: tzinfo, both_copies: bool) -> list[datetime]:
-    """The real instants a naive wall time stands for, in order, under the DST rule."""
+    """The real instants (UTC) a naive wall time stands for, in order, under the DST rule."""
     first = wall.replace(tzinfo=zone, fold=0)
     second = wall.replace(tzinfo=zone, fold=1)
     if first.utcoffset() == second.utcoffset():
-        return [first]
+        return [first.astimezone(_UTC)]
     if _exists(first, zone):
-        return [first, second] if both_copies else [first]
+        copies = [first, second] if both_copies else [first]
+        return [copy.astimezone(_UTC) for copy in copies]
     # Skipped by a forward change: run at the first instant after the gap.
     return [_transition(second.astimezone(_UTC), first.astimezone(_UTC), zone)]
 

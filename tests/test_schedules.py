@@ -1,0 +1,569 @@
+"""next_run(): cron fields read as local wall time, with the cronie DST rule (DESIGN.md point 2)."""
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta, timezone
+from functools import lru_cache
+from zoneinfo import ZoneInfo
+
+import pytest
+from croniter import croniter
+from django.test import override_settings
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
+
+from sisy_celery import schedules
+from sisy_celery.schedules import describe_fields, next_run, validate
+
+UTC = timezone.utc
+NY = ZoneInfo("America/New_York")
+SYDNEY = ZoneInfo("Australia/Sydney")
+LONDON = ZoneInfo("Europe/London")
+ZONES = [
+    "UTC", "America/New_York", "Australia/Sydney", "Europe/London", "America/Santiago",
+    "Australia/Lord_Howe", "Pacific/Chatham", "Asia/Beirut", "America/Havana", "Asia/Kolkata",
+]
+
+
+def local(zone: ZoneInfo, *args: int, fold: int = 0) -> datetime:
+    return datetime(*args, tzinfo=zone, fold=fold)
+
+
+def chain(schedule: str, after: datetime, zone: ZoneInfo | str, steps: int) -> list[datetime]:
+    """Call next_run repeatedly from the previous result, as beat does."""
+    results = []
+    for _ in range(steps):
+        after = next_run(schedule, after, zone)
+        results.append(after)
+    return results
+
+
+def walls(results: list[datetime], zone: ZoneInfo) -> list[str]:
+    """Local wall time with its UTC offset, e.g. '11-01 01:30 -0400'."""
+    return [r.astimezone(zone).strftime("%m-%d %H:%M:%S %z").replace(":00 ", " ") for r in results]
+
+
+# -- basics ------------------------------------------------------------------------------
+
+
+def test_result_is_utc_and_strictly_after():
+    after = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    result = next_run("0 12 * * *", after, "UTC")
+    assert result == datetime(2026, 1, 2, 12, 0, tzinfo=UTC)
+    assert result.tzinfo is UTC
+
+
+def test_after_in_another_offset_is_the_same_instant():
+    after = datetime(2026, 1, 1, 17, 0, tzinfo=timezone(timedelta(hours=5)))  # 12:00 UTC
+    assert next_run("30 12 * * *", after, "UTC") == datetime(2026, 1, 1, 12, 30, tzinfo=UTC)
+
+
+def test_sub_second_after_goes_to_the_next_slot():
+    after = datetime(2026, 1, 1, 10, 0, 0, 500000, tzinfo=UTC)
+    assert next_run("* * * * * *", after, "UTC") == datetime(2026, 1, 1, 10, 0, 1, tzinfo=UTC)
+    assert next_run("* * * * *", after, "UTC") == datetime(2026, 1, 1, 10, 1, tzinfo=UTC)
+    just_before = datetime(2026, 1, 1, 12, 0, tzinfo=UTC) - timedelta(microseconds=1)
+    assert next_run("0 12 * * *", just_before, "UTC") == datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def test_five_fields():
+    after = datetime(2026, 5, 5, 10, 7, tzinfo=UTC)
+    assert walls(chain("*/15 9-10 * * *", after, "UTC", 4), ZoneInfo("UTC")) == [
+        "05-05 10:15 +0000", "05-05 10:30 +0000", "05-05 10:45 +0000", "05-06 09:00 +0000",
+    ]
+
+
+def test_sixth_field_is_seconds():
+    after = datetime(2026, 1, 1, 0, 0, tzinfo=UTC)
+    assert chain("* * * * * */30", after, "UTC", 3) == [
+        datetime(2026, 1, 1, 0, 0, 30, tzinfo=UTC),
+        datetime(2026, 1, 1, 0, 1, 0, tzinfo=UTC),
+        datetime(2026, 1, 1, 0, 1, 30, tzinfo=UTC),
+    ]
+    assert next_run("0 0 * * * 15", after, "UTC") == datetime(2026, 1, 1, 0, 0, 15, tzinfo=UTC)
+    assert next_run("* * * * * *", after, "UTC") == datetime(2026, 1, 1, 0, 0, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("alias, expected", [
+    ("@daily", datetime(2026, 3, 11, 0, 0, tzinfo=UTC)),
+    ("@midnight", datetime(2026, 3, 11, 0, 0, tzinfo=UTC)),
+    ("@hourly", datetime(2026, 3, 10, 15, 0, tzinfo=UTC)),
+    ("@weekly", datetime(2026, 3, 15, 0, 0, tzinfo=UTC)),  # Sunday
+    ("@monthly", datetime(2026, 4, 1, 0, 0, tzinfo=UTC)),
+    ("@yearly", datetime(2027, 1, 1, 0, 0, tzinfo=UTC)),
+    ("@annually", datetime(2027, 1, 1, 0, 0, tzinfo=UTC)),
+    (" @DAILY ", datetime(2026, 3, 11, 0, 0, tzinfo=UTC)),
+])
+def test_aliases(alias, expected):
+    assert next_run(alias, datetime(2026, 3, 10, 14, 20, tzinfo=UTC), "UTC") == expected
+
+
+def test_alias_in_a_zone():
+    after = datetime(2026, 7, 1, 12, 0, tzinfo=UTC)
+    assert walls([next_run("@daily", after, NY)], NY) == ["07-02 00:00 -0400"]
+
+
+def test_month_ends():
+    after = datetime(2026, 1, 1, tzinfo=UTC)
+    assert [d.date().isoformat() for d in chain("0 0 31 * *", after, "UTC", 4)] == [
+        "2026-01-31", "2026-03-31", "2026-05-31", "2026-07-31",
+    ]
+    assert [d.date().isoformat() for d in chain("0 0 30 * *", after, "UTC", 3)] == [
+        "2026-01-30", "2026-03-30", "2026-04-30",
+    ]
+
+
+def test_last_day_of_month():
+    after = datetime(2024, 1, 1, tzinfo=UTC)
+    assert [d.date().isoformat() for d in chain("0 0 L * *", after, "UTC", 5)] == [
+        "2024-01-31", "2024-02-29", "2024-03-31", "2024-04-30", "2024-05-31",
+    ]
+    assert next_run("0 0 L 2 *", datetime(2026, 1, 1, tzinfo=UTC), "UTC") == datetime(2026, 2, 28, tzinfo=UTC)
+
+
+def test_leap_day():
+    after = datetime(2024, 3, 1, tzinfo=UTC)
+    assert [d.date().isoformat() for d in chain("0 0 29 2 *", after, "UTC", 3)] == [
+        "2028-02-29", "2032-02-29", "2036-02-29",
+    ]
+    assert next_run("0 0 29 2 *", datetime(2024, 2, 28, 12, tzinfo=UTC), "UTC") == datetime(2024, 2, 29, tzinfo=UTC)
+
+
+def test_year_end_rollover():
+    after = datetime(2026, 12, 31, 23, 59, 59, tzinfo=UTC)
+    assert next_run("* * * * *", after, "UTC") == datetime(2027, 1, 1, tzinfo=UTC)
+
+
+def test_day_of_month_and_day_of_week_are_ored_like_cron():
+    # Vixie cron: when both day fields are restricted, either one matching is enough.
+    after = datetime(2026, 1, 1, tzinfo=UTC)  # a Thursday
+    assert [d.date().isoformat() for d in chain("0 0 15 * 1", after, "UTC", 3)] == [
+        "2026-01-05", "2026-01-12", "2026-01-15",
+    ]
+
+
+def test_names_and_seven_for_sunday():
+    after = datetime(2026, 1, 1, tzinfo=UTC)
+    assert next_run("0 0 * * sun", after, "UTC") == datetime(2026, 1, 4, tzinfo=UTC)
+    assert next_run("0 0 * * 7", after, "UTC") == datetime(2026, 1, 4, tzinfo=UTC)
+    assert next_run("0 0 1 jun *", after, "UTC") == datetime(2026, 6, 1, tzinfo=UTC)
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule, field", [
+    ("x * * * *", "field 1 (minute) 'x'"),
+    ("60 * * * *", "field 1 (minute) '60'"),
+    ("*/0 * * * *", "field 1 (minute) '*/0'"),
+    ("* 24 * * *", "field 2 (hour) '24'"),
+    ("* * 32 * *", "field 3 (day of month) '32'"),
+    ("* * 0 * *", "field 3 (day of month) '0'"),
+    ("* * * 13 *", "field 4 (month) '13'"),
+    ("* * * foo *", "field 4 (month) 'foo'"),
+    ("* * * * 8", "field 5 (day of week) '8'"),
+    ("* * * * * 60", "field 6 (second) '60'"),
+    ("0 0 1 1 * 2030", "field 6 (second) '2030'"),
+])
+def test_bad_field_is_named(schedule, field):
+    with pytest.raises(ValueError) as info:
+        next_run(schedule, datetime(2026, 1, 1, tzinfo=UTC), "UTC")
+    message = str(info.value)
+    assert f"Invalid cron schedule {schedule!r}: {field} is not valid." in message
+    assert "Use 5 fields 'minute hour day-of-month month day-of-week', optionally a 6th for seconds" in message
+
+
+@pytest.mark.parametrize("schedule, count", [
+    ("* * * * * * *", 7), ("0 0 1 1 * 0 2030", 7), ("* * * *", 4), ("0", 1),
+])
+def test_wrong_number_of_fields(schedule, count):
+    with pytest.raises(ValueError, match=rf"it has {count} fields\. Use 5 fields"):
+        validate(schedule)
+
+
+@pytest.mark.parametrize("schedule", ["", "   ", None, 5, ["*"] * 5])
+def test_not_a_string(schedule):
+    with pytest.raises(ValueError, match=r"it must be a non-empty string\. Use 5 fields"):
+        validate(schedule)
+
+
+@pytest.mark.parametrize("schedule", ["0 0 31 2 *", "0 0 30 2 *", "0 0 31 4,6,9,11 *"])
+def test_impossible_dates(schedule):
+    with pytest.raises(ValueError, match=r"no date ever matches it \(check the day-of-month and month fields\)"):
+        next_run(schedule, datetime(2026, 1, 1, tzinfo=UTC), "UTC")
+
+
+@pytest.mark.parametrize("alias", ["@reboot", "@every_5m", "@"])
+def test_unknown_alias(alias):
+    with pytest.raises(ValueError) as info:
+        validate(alias)
+    assert f"Invalid cron schedule {alias!r}: unknown alias" in str(info.value)
+    assert "@daily" in str(info.value)
+
+
+@pytest.mark.parametrize("schedule, field", [
+    ("R * * * *", "field 1 (minute) 'R'"),
+    ("0 R * * *", "field 2 (hour) 'R'"),
+    ("H * * * *", "field 1 (minute) 'H'"),
+    ("0 0 * * * R", "field 6 (second) 'R'"),
+])
+def test_random_and_hashed_values_are_refused(schedule, field):
+    # croniter draws a new random value each time it parses 'R', so the slot would move at every tick.
+    with pytest.raises(ValueError) as info:
+        validate(schedule)
+    assert f"{field} is not valid: random (R) and hashed (H) values are not supported" in str(info.value)
+
+
+def test_validate_returns_the_schedule_and_describe_fields():
+    assert validate("*/5 1 * * *") == "*/5 1 * * *"
+    assert describe_fields("*/5 1 * * * 30") == {
+        "minute": "*/5", "hour": "1", "day of month": "*", "month": "*", "day of week": "*", "second": "30",
+    }
+    assert describe_fields("@hourly")["minute"] == "0"
+
+
+@pytest.mark.parametrize("after", [datetime(2026, 1, 1), "2026-01-01T00:00:00Z", None, 0])
+def test_naive_or_non_datetime_after_is_refused(after):
+    with pytest.raises(ValueError, match="next_run needs an aware datetime for 'after'"):
+        next_run("* * * * *", after, "UTC")
+
+
+@pytest.mark.parametrize("tz", ["Mars/Olympus_Mons", "EST5EDT/x", "../etc/passwd", "+05:00"])
+def test_unknown_zone_is_refused(tz):
+    with pytest.raises(ValueError) as info:
+        next_run("* * * * *", datetime(2026, 1, 1, tzinfo=UTC), tz)
+    assert str(info.value) == f"Unknown time zone {tz!r}: use an IANA name such as 'UTC' or 'Europe/Paris'."
+
+
+# -- which zone -----------------------------------------------------------------------------
+
+
+def test_zone_may_be_a_name_or_a_tzinfo():
+    after = datetime(2026, 7, 1, 0, 0, tzinfo=UTC)
+    expected = datetime(2026, 7, 1, 13, 0, tzinfo=UTC)  # 09:00 EDT
+    assert next_run("0 9 * * *", after, "America/New_York") == expected
+    assert next_run("0 9 * * *", after, NY) == expected
+
+
+@pytest.mark.parametrize("overrides, expected_hour", [
+    ({"SISY_TIMEZONE": "America/New_York", "CELERY_TIMEZONE": "Europe/London", "TIME_ZONE": "Asia/Tokyo"}, 13),
+    ({"CELERY_TIMEZONE": "Europe/London", "TIME_ZONE": "Asia/Tokyo"}, 8),
+    ({"TIME_ZONE": "Asia/Tokyo"}, 0),
+    ({}, 9),  # tests.settings: TIME_ZONE = 'UTC'
+])
+def test_default_zone_comes_from_settings(overrides, expected_hour):
+    after = datetime(2026, 7, 1, 0, 0, tzinfo=UTC)
+    with override_settings(**overrides):
+        assert next_run("0 9 * * *", after).hour == expected_hour
+        assert next_run("0 9 * * *", after, "").hour == expected_hour
+
+
+def test_unknown_configured_zone_is_refused():
+    with override_settings(SISY_TIMEZONE="Nowhere/Land"):
+        with pytest.raises(ValueError, match="Unknown time zone 'Nowhere/Land'"):
+            next_run("* * * * *", datetime(2026, 1, 1, tzinfo=UTC))
+
+
+# -- DST: the cronie rule ----------------------------------------------------------------------
+
+
+def test_new_york_spring_gap_fixed_hour_runs_after_the_gap():
+    after = local(NY, 2026, 3, 7, 12, 0)
+    assert walls(chain("30 2 * * *", after, NY, 3), NY) == [
+        "03-08 03:00 -0400", "03-09 02:30 -0400", "03-10 02:30 -0400",
+    ]
+
+
+def test_new_york_spring_gap_exact_transition_instant():
+    result = next_run("30 2 * * *", local(NY, 2026, 3, 8, 1, 59, 59), NY)
+    assert result == datetime(2026, 3, 8, 7, 0, tzinfo=UTC)  # 03:00 EDT, the first instant after the gap
+    # Just after the moved run, the next one is the next day's 02:30, not a second run at 03:xx.
+    assert next_run("30 2 * * *", result, NY) == local(NY, 2026, 3, 9, 2, 30)
+
+
+def test_new_york_spring_gap_stepped_minutes_collapse_into_one_run():
+    after = local(NY, 2026, 3, 8, 1, 0)
+    assert walls(chain("*/20 * * * *", after, NY, 6), NY) == [
+        "03-08 01:20 -0500", "03-08 01:40 -0500", "03-08 03:00 -0400",
+        "03-08 03:20 -0400", "03-08 03:40 -0400", "03-08 04:00 -0400",
+    ]
+
+
+def test_new_york_spring_gap_seconds_schedule():
+    after = local(NY, 2026, 3, 8, 1, 59, 0)
+    assert walls(chain("* * * * * */30", after, NY, 4), NY) == [
+        "03-08 01:59:30 -0500", "03-08 03:00 -0400", "03-08 03:00:30 -0400", "03-08 03:01 -0400",
+    ]
+
+
+def test_new_york_fall_back_fixed_hour_runs_once():
+    after = local(NY, 2026, 10, 31, 12, 0)
+    assert walls(chain("30 1 * * *", after, NY, 3), NY) == [
+        "11-01 01:30 -0400", "11-02 01:30 -0500", "11-03 01:30 -0500",
+    ]
+
+
+def test_new_york_fall_back_fixed_hour_after_in_second_copy():
+    after = local(NY, 2026, 11, 1, 1, 10, fold=1)  # 01:10 EST, the repeat
+    assert after.utcoffset() == timedelta(hours=-5)
+    assert walls([next_run("30 1 * * *", after, NY)], NY) == ["11-02 01:30 -0500"]
+    assert walls([next_run("*/15 1 * * *", after, NY)], NY) == ["11-02 01:00 -0500"]
+
+
+def test_new_york_fall_back_fixed_hour_every_minute_of_the_hour_runs_once():
+    results = chain("*/15 1 * * *", local(NY, 2026, 11, 1, 0, 0), NY, 5)
+    assert walls(results, NY) == [
+        "11-01 01:00 -0400", "11-01 01:15 -0400", "11-01 01:30 -0400", "11-01 01:45 -0400", "11-02 01:00 -0500",
+    ]
+
+
+def test_new_york_fall_back_wildcard_hour_runs_in_both_copies():
+    after = local(NY, 2026, 11, 1, 0, 0)
+    assert walls(chain("30 * * * *", after, NY, 4), NY) == [
+        "11-01 00:30 -0400", "11-01 01:30 -0400", "11-01 01:30 -0500", "11-01 02:30 -0500",
+    ]
+
+
+def test_new_york_fall_back_stepped_minutes_run_in_both_copies():
+    after = local(NY, 2026, 11, 1, 0, 50)
+    assert walls(chain("*/15 * * * *", after, NY, 10), NY) == [
+        "11-01 01:00 -0400", "11-01 01:15 -0400", "11-01 01:30 -0400", "11-01 01:45 -0400",
+        "11-01 01:00 -0500", "11-01 01:15 -0500", "11-01 01:30 -0500", "11-01 01:45 -0500",
+        "11-01 02:00 -0500", "11-01 02:15 -0500",
+    ]
+
+
+@pytest.mark.parametrize("schedule", ["0 */1 * * *", "0 * * * *", "@hourly", "0 1-23/2 * * *", "0 1/12 * * *"])
+def test_new_york_fall_back_stepped_hours_run_in_both_copies(schedule):
+    results = chain(schedule, local(NY, 2026, 11, 1, 0, 30), NY, 2)
+    assert walls(results, NY) == ["11-01 01:00 -0400", "11-01 01:00 -0500"]
+
+
+def test_new_york_fall_back_after_at_end_of_first_copy_goes_to_second_copy():
+    after = local(NY, 2026, 11, 1, 1, 59, 59)  # EDT, one second before the clocks go back
+    assert walls([next_run("30 * * * *", after, NY)], NY) == ["11-01 01:30 -0500"]
+    assert walls([next_run("30 1 * * *", after, NY)], NY) == ["11-02 01:30 -0500"]
+
+
+def test_sydney_autumn_fall_back_first_sunday_of_april():
+    # AEDT -> AEST at 03:00 AEDT on 2026-04-05: 02:00-02:59 happens twice.
+    after = local(SYDNEY, 2026, 4, 4, 12, 0)
+    assert walls(chain("30 2 * * *", after, SYDNEY, 3), SYDNEY) == [
+        "04-05 02:30 +1100", "04-06 02:30 +1000", "04-07 02:30 +1000",
+    ]
+    assert walls(chain("0 * * * *", local(SYDNEY, 2026, 4, 5, 0, 30), SYDNEY, 5), SYDNEY) == [
+        "04-05 01:00 +1100", "04-05 02:00 +1100", "04-05 02:00 +1000", "04-05 03:00 +1000", "04-05 04:00 +1000",
+    ]
+
+
+def test_sydney_spring_gap_first_sunday_of_october():
+    # AEST -> AEDT at 02:00 AEST on 2026-10-04: 02:00-02:59 never happens.
+    after = local(SYDNEY, 2026, 10, 3, 12, 0)
+    assert walls(chain("30 2 * * *", after, SYDNEY, 3), SYDNEY) == [
+        "10-04 03:00 +1100", "10-05 02:30 +1100", "10-06 02:30 +1100",
+    ]
+    assert walls(chain("15 * * * *", local(SYDNEY, 2026, 10, 4, 0, 30), SYDNEY, 4), SYDNEY) == [
+        "10-04 01:15 +1000", "10-04 03:00 +1100", "10-04 03:15 +1100", "10-04 04:15 +1100",
+    ]
+
+
+def test_london_both_changes():
+    assert walls(chain("30 1 * * *", local(LONDON, 2026, 3, 28, 12, 0), LONDON, 2), LONDON) == [
+        "03-29 02:00 +0100", "03-30 01:30 +0100",
+    ]
+    assert walls(chain("30 1 * * *", local(LONDON, 2026, 10, 24, 12, 0), LONDON, 3), LONDON) == [
+        "10-25 01:30 +0100", "10-26 01:30 +0000", "10-27 01:30 +0000",
+    ]
+    assert walls(chain("30 * * * *", local(LONDON, 2026, 10, 25, 0, 0), LONDON, 3), LONDON) == [
+        "10-25 00:30 +0100", "10-25 01:30 +0100", "10-25 01:30 +0000",
+    ]
+
+
+def test_midnight_transitions_santiago():
+    zone = ZoneInfo("America/Santiago")
+    # Clocks go from 24:00 to 01:00 on 2026-09-06: a daily midnight job runs at 01:00.
+    assert walls(chain("0 0 * * *", local(zone, 2026, 9, 5, 12, 0), zone, 2), zone) == [
+        "09-06 01:00 -0300", "09-07 00:00 -0300",
+    ]
+    # Clocks go back from 24:00 to 23:00 on 2026-04-04: 23:30 is repeated and runs once.
+    assert walls(chain("30 23 * * *", local(zone, 2026, 4, 4, 12, 0), zone, 2), zone) == [
+        "04-04 23:30 -0300", "04-05 23:30 -0400",
+    ]
+
+
+def test_half_hour_shift_lord_howe():
+    zone = ZoneInfo("Australia/Lord_Howe")
+    # 02:00-02:29 is skipped on 2026-10-04, 01:30-01:59 repeated on 2026-04-05.
+    assert walls([next_run("15 2 * * *", local(zone, 2026, 10, 4, 0, 0), zone)], zone) == ["10-04 02:30 +1100"]
+    assert walls(chain("*/20 * * * *", local(zone, 2026, 4, 5, 1, 30), zone, 5), zone) == [
+        "04-05 01:40 +1100", "04-05 01:40 +1030", "04-05 02:00 +1030", "04-05 02:20 +1030", "04-05 02:40 +1030",
+    ]
+
+
+def test_per_day_chain_across_a_whole_year_keeps_the_wall_time():
+    results = chain("0 9 * * *", local(NY, 2026, 1, 1, 0, 0), NY, 365)
+    assert {r.astimezone(NY).strftime("%H:%M") for r in results} == {"09:00"}
+    assert len({r.astimezone(NY).date() for r in results}) == 365
+    assert {r.astimezone(UTC).hour for r in results} == {13, 14}
+
+
+# -- properties --------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def transitions(zone_name: str, year: int) -> tuple[datetime, ...]:
+    """The UTC instants at which ``zone_name`` changes offset during ``year``."""
+    zone = ZoneInfo(zone_name)
+    found = []
+    t = datetime(year, 1, 1, tzinfo=UTC)
+    previous = t.astimezone(zone).utcoffset()
+    while t.year == year:
+        t += timedelta(minutes=15)
+        offset = t.astimezone(zone).utcoffset()
+        if offset != previous:
+            found.append(t)
+            previous = offset
+    return tuple(found)
+
+
+def wall_instants(wall: datetime, zone: ZoneInfo, both_copies: bool) -> list[datetime]:
+    """Reference DST rule, by brute force: the instants a naive wall time is run at."""
+    first = wall.replace(tzinfo=zone, fold=0)
+    second = wall.replace(tzinfo=zone, fold=1)
+    # In UTC: PEP 495 makes a fold=1 time unequal to every instant of another zone.
+    first, second = first.astimezone(UTC), second.astimezone(UTC)
+    if first == second:
+        return [first]
+    exists = first.astimezone(zone).replace(tzinfo=None) == wall
+    if exists:
+        return [first, second] if both_copies else [first]
+    # In a gap: walk to the first whole minute whose offset is the new one.
+    t = second.replace(second=0, microsecond=0)
+    new_offset = first.astimezone(zone).utcoffset()
+    while t.astimezone(zone).utcoffset() != new_offset:
+        t += timedelta(minutes=1)
+    return [t]
+
+
+def reference_next_run(schedule: str, after: datetime, zone: ZoneInfo) -> datetime:
+    """Slow, obvious oracle: the earliest instant > after among all wall slots near ``after``."""
+    hour = schedule.split()[1]
+    both_copies = hour.startswith("*") or "/" in hour
+    start = after.astimezone(zone).replace(tzinfo=None) - timedelta(hours=3)
+    it = croniter(schedule, start)
+    best = None
+    while True:
+        wall = it.get_next(datetime)
+        if best is not None and wall > best.astimezone(zone).replace(tzinfo=None) + timedelta(hours=3):
+            return best
+        for instant in wall_instants(wall, zone, both_copies):
+            if instant > after and (best is None or instant < best):
+                best = instant
+
+
+def _field(draw, low: int, high: int, hot: list[int]) -> str:
+    value = st.one_of(st.integers(low, high), st.sampled_from(hot))
+    kind = draw(st.sampled_from(["star", "step", "one", "range", "list", "range_step"]))
+    if kind == "star":
+        return "*"
+    if kind == "step":
+        return f"*/{draw(st.integers(1, max(1, (high - low) // 2)))}"
+    if kind == "one":
+        return str(draw(value))
+    if kind == "list":
+        return ",".join(str(v) for v in sorted(set(draw(st.lists(value, min_size=2, max_size=4)))))
+    a = draw(value)
+    b = draw(st.integers(a, high))
+    if kind == "range":
+        return f"{a}-{b}"
+    return f"{a}-{b}/{draw(st.integers(1, 5))}"
+
+
+@st.composite
+def cron_strings(draw, fixed_hour: bool = False) -> str:
+    minute = _field(draw, 0, 59, [0, 15, 30, 45, 59])
+    if fixed_hour:
+        hour = ",".join(str(h) for h in sorted(set(draw(st.lists(st.sampled_from([0, 1, 2, 3, 23]), min_size=1, max_size=2)))))
+    else:
+        hour = _field(draw, 0, 23, [0, 1, 2, 3, 23])
+    dom = draw(st.sampled_from(["*", "*", "*", "L", "1", "15", "29", "31", "1-7", "*/2"]))
+    month = draw(st.sampled_from(["*", "*", "*", "3", "4", "9,10", "10-11", "2"]))
+    dow = draw(st.sampled_from(["*", "*", "*", "0", "6", "1-5", "sun"]))
+    fields = [minute, hour, dom, month, dow]
+    if draw(st.booleans()):
+        fields.append(draw(st.sampled_from(["0", "30", "*/20", "*/30", "15,45"])))
+    return " ".join(fields)
+
+
+@st.composite
+def instants(draw) -> tuple[str, datetime]:
+    """A zone and an instant, often within a couple of days before one of its DST changes."""
+    zone_name = draw(st.sampled_from(ZONES))
+    year = draw(st.integers(2021, 2030))
+    near = transitions(zone_name, year)
+    if near and draw(st.integers(0, 3)):
+        base = draw(st.sampled_from(near))
+        after = base + timedelta(seconds=draw(st.integers(-2 * 86400, 3 * 3600)))
+    else:
+        after = datetime(year, 1, 1, tzinfo=UTC) + timedelta(seconds=draw(st.integers(0, 365 * 86400)))
+    after += timedelta(microseconds=draw(st.sampled_from([0, 0, 1, 999999])))
+    if draw(st.booleans()):
+        after = after.astimezone(ZoneInfo(zone_name))  # same tzinfo as the schedule's zone
+    return zone_name, after
+
+
+def _valid(schedule: str) -> bool:
+    try:
+        validate(schedule)
+    except ValueError:
+        return False
+    return True
+
+
+PROPERTY = settings(max_examples=int(os.environ.get('SISY_HYPOTHESIS_EXAMPLES', 150)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@PROPERTY
+@given(cron_strings(), instants())
+def test_property_next_run_is_the_reference_slot(schedule, zone_and_after):
+    zone_name, after = zone_and_after
+    assume(_valid(schedule))
+    zone = ZoneInfo(zone_name)
+    result = next_run(schedule, after, zone_name)
+    assert result > after
+    assert result.utcoffset() == timedelta(0)
+    wall = result.astimezone(zone).replace(tzinfo=None)
+    if not croniter.match(schedule, wall):
+        # Only a slot moved out of a skipped local hour may run at a non-matching wall time:
+        # it then runs at the very instant the clocks jumped forward.
+        before = (result - timedelta(seconds=1)).astimezone(zone)
+        assert result.astimezone(zone).utcoffset() > before.utcoffset(), (schedule, zone_name, after, result)
+        gap = result.astimezone(zone).utcoffset() - before.utcoffset()
+        skipped_slot = croniter(schedule, wall - gap - timedelta(seconds=1)).get_next(datetime)
+        assert skipped_slot < wall
+    assert result == reference_next_run(schedule, after, zone), (schedule, zone_name, after)
+
+
+@PROPERTY
+@given(cron_strings(fixed_hour=True), instants())
+def test_property_fixed_hour_never_repeats_a_wall_time(schedule, zone_and_after):
+    zone_name, after = zone_and_after
+    assume(_valid(schedule))
+    zone = ZoneInfo(zone_name)
+    results = chain(schedule, after, zone_name, 30)
+    assert results == sorted(results) and len(set(results)) == 30
+    local_walls = [r.astimezone(zone).replace(tzinfo=None) for r in results]
+    assert len(set(local_walls)) == 30, (schedule, zone_name, after, walls(results, zone))
+
+
+@PROPERTY
+@given(cron_strings(), instants())
+def test_property_chain_is_strictly_increasing_and_matches(schedule, zone_and_after):
+    zone_name, after = zone_and_after
+    assume(_valid(schedule))
+    results = chain(schedule, after, zone_name, 10)
+    assert all(a < b for a, b in zip([after] + results, results))
+    # In a zone without DST every result matches the expression exactly.
+    if zone_name in ("UTC", "Asia/Kolkata"):
+        zone = ZoneInfo(zone_name)
+        assert all(croniter.match(schedule, r.astimezone(zone).replace(tzinfo=None)) for r in results)
+
