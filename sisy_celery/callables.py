@@ -12,6 +12,8 @@ import importlib
 import inspect
 from typing import Any, Callable
 
+from django.core.exceptions import ValidationError
+
 from . import conf
 
 FUNC_TYPES = ("function", "staticmethod", "classmethod", "instancemethod")
@@ -30,16 +32,32 @@ def is_allowed(module_name: str, allowed: list[str] | None = None) -> bool:
 
 
 def check_allowed(info: dict[str, Any]) -> None:
+    """Refuse function info whose module or dotted paths are outside SISY_ALLOWED_MODULES."""
     module = info.get("module_name", "")
-    if not is_allowed(module):
-        raise CallableError(
-            f"Callable {info.get('func_path')!r} is not allowed: module {module!r} is not under "
-            f"SISY_ALLOWED_MODULES {conf.allowed_modules()!r}. Add its module prefix to that setting."
-        )
+    path = info.get("func_path", "")
+    if not isinstance(module, str) or not is_allowed(module):
+        _refuse(path, f"module {module!r}")
+    for key in ("func_path", "class_path"):
+        value = info.get(key, "")
+        if (key == "func_path" or key in info) and (not isinstance(value, str) or not is_allowed(value)):
+            _refuse(path, "its path" if key == "func_path" else f"class {value!r}")
+
+
+def _refuse(path: Any, what: str) -> None:
+    raise CallableError(
+        f"Callable {path!r} is not allowed: {what} is not under "
+        f"SISY_ALLOWED_MODULES {conf.allowed_modules()!r}. Add its module prefix to that setting."
+    )
 
 
 def call_arity(func: Callable[..., Any], path: str) -> int:
     """1 if ``func`` is called with ``message``, 0 if with nothing; CallableError otherwise."""
+    if inspect.iscoroutinefunction(func) or inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        # Calling one only creates a coroutine or generator: the body would silently never run.
+        raise CallableError(
+            f"{path!r} is an async or generator function; a worker calls it and would never run its "
+            f"body. Schedule a plain function (wrap async code with asgiref's async_to_sync)."
+        )
     try:
         signature = inspect.signature(func)
     except (TypeError, ValueError):
@@ -71,14 +89,56 @@ def get_func_info(the_callable: Any, pk_override: Any = None) -> dict[str, Any]:
 def _instance_info_from_path(path: str, func: Any, pk: Any) -> dict[str, Any]:
     """A dotted ``module.Model.method`` plus a primary key (used in data migrations)."""
     owner = _import_attr(path.rsplit(".", 1)[0])
-    if not inspect.isfunction(func) or not _is_model_class(owner):
-        raise CallableError(
-            f"pk_override needs the path of a Django model instance method, e.g. "
-            f"'app.models.Model.method'; {path!r} is not one."
-        )
-    info = _instance_info(owner, func.__name__, pk, path)
-    _check_method_signature(getattr(owner, func.__name__), path)
+    if not _is_model_class(owner):
+        _refuse_pk_override(path)
+    # The model's own dotted path, as a worker will rebuild it (``path`` may go through a re-export).
+    name = path.rsplit(".", 1)[1]
+    info = _model_method_info(owner, name, pk, f"{owner.__module__}.{owner.__qualname__}.{name}")
     check_allowed(info)
+    return info
+
+
+def _refuse_pk_override(path: str) -> None:
+    raise CallableError(
+        f"pk_override needs a Django model instance method, e.g. 'app.models.Model.method' or "
+        f"Model.method; {path!r} is not one. Leave pk_override out for functions, static and class methods."
+    )
+
+
+def _model_method_info(cls: type, name: str, pk: Any, path: str) -> dict[str, Any]:
+    """Function info for ``cls.name`` called on the row ``pk``, after checking all three."""
+    _check_module_level(cls, path)
+    if cls._meta.abstract:
+        raise CallableError(
+            f"{path!r} is a method of the abstract model {cls.__qualname__}, which has no rows; "
+            f"name it through the concrete model, e.g. 'app.models.Concrete.{name}'."
+        )
+    if not inspect.isfunction(inspect.getattr_static(cls, name, None)):
+        # A static or class method reached with a pk would be looked up on an instance and fail later.
+        raise CallableError(
+            f"{path!r} is not an instance method of {cls._meta.label}: a model row's method must be "
+            f"defined as 'def {name or 'name'}(self, message)' (or '(self)'). Static and class methods "
+            f"need no pk_override."
+        )
+    try:
+        pk = cls._meta.pk.to_python(pk)
+    except ValidationError as exc:
+        raise CallableError(
+            f"{pk!r} is not a valid primary key for {cls._meta.label} ({'; '.join(exc.messages)})."
+        ) from None
+    if pk is None:
+        raise CallableError(
+            f"{cls.__qualname__} instance is not saved: save it before scheduling its "
+            f"method {name!r}, or pass pk_override."
+        )
+    info = _base("instancemethod", cls.__module__, name, path)
+    info.update(
+        class_name=cls.__qualname__,
+        class_path=f"{cls.__module__}.{cls.__qualname__}",
+        model=cls._meta.label,
+        model_pk=_json_pk(pk),
+    )
+    _check_method_signature(getattr(cls, name), path)
     return info
 
 
@@ -88,6 +148,8 @@ def _encode(obj: Any, pk_override: Any) -> dict[str, Any]:
         func = obj.__func__
         if inspect.isclass(owner):
             _check_module_level(owner, _path_of(func))
+            if pk_override is not None:
+                _refuse_pk_override(_path_of(func))
             path = f"{owner.__module__}.{owner.__qualname__}.{func.__name__}"
             info = _base("classmethod", owner.__module__, func.__name__, path)
             info.update(class_name=owner.__qualname__, class_path=f"{owner.__module__}.{owner.__qualname__}")
@@ -101,17 +163,9 @@ def _encode(obj: Any, pk_override: Any) -> dict[str, Any]:
                 f"Django model instances can be scheduled (a worker loads the row by primary key)."
             )
         cls = _real_model(cls)
-        _check_module_level(cls, _path_of(func))
         pk = owner.pk if pk_override is None else pk_override
-        if pk is None:
-            raise CallableError(
-                f"{cls.__qualname__} instance is not saved: save it before scheduling its "
-                f"method {func.__name__!r}, or pass pk_override."
-            )
         path = f"{cls.__module__}.{cls.__qualname__}.{func.__name__}"
-        info = _instance_info(cls, func.__name__, pk, path)
-        _check_method_signature(getattr(cls, func.__name__), path)
-        return info
+        return _model_method_info(cls, func.__name__, pk, path)
     if inspect.isfunction(obj):
         path = _path_of(obj)
         qualname = obj.__qualname__
@@ -128,10 +182,10 @@ def _encode(obj: Any, pk_override: Any) -> dict[str, Any]:
             )
         if len(parts) == 2:
             owner = _import_attr(f"{obj.__module__}.{parts[0]}")
-            if pk_override is not None and _is_model_class(owner):
-                info = _instance_info(owner, obj.__name__, pk_override, path)
-                _check_method_signature(getattr(owner, obj.__name__), path)
-                return info
+            if pk_override is not None:
+                if not _is_model_class(owner):
+                    _refuse_pk_override(path)
+                return _model_method_info(owner, obj.__name__, pk_override, path)
             if not isinstance(inspect.getattr_static(owner, obj.__name__, None), staticmethod):
                 raise CallableError(
                     f"{path!r} is an instance method reached through its class; schedule the bound "
@@ -140,6 +194,8 @@ def _encode(obj: Any, pk_override: Any) -> dict[str, Any]:
             info = _base("staticmethod", obj.__module__, obj.__name__, path)
             info.update(class_name=parts[0], class_path=f"{obj.__module__}.{parts[0]}")
         else:
+            if pk_override is not None:
+                _refuse_pk_override(path)
             info = _base("function", obj.__module__, obj.__name__, path)
         call_arity(obj, path)
         _check_round_trip(info, obj)
@@ -152,17 +208,6 @@ def _encode(obj: Any, pk_override: Any) -> dict[str, Any]:
 
 def _base(func_type: str, module: str, name: str, path: str) -> dict[str, Any]:
     return {"func_type": func_type, "module_name": module, "func_name": name, "func_path": path}
-
-
-def _instance_info(cls: type, name: str, pk: Any, path: str) -> dict[str, Any]:
-    info = _base("instancemethod", cls.__module__, name, path)
-    info.update(
-        class_name=cls.__qualname__,
-        class_path=f"{cls.__module__}.{cls.__qualname__}",
-        model=cls._meta.label,
-        model_pk=_json_pk(pk),
-    )
-    return info
 
 
 def _json_pk(pk: Any) -> Any:
@@ -216,7 +261,7 @@ def _check_round_trip(info: dict[str, Any], obj: Any) -> None:
 
 
 def _import_attr(path: str) -> Any:
-    """Import the longest importable module prefix of ``path`` and walk the rest with getattr."""
+    """Import the longest importable module prefix of ``path`` and walk the rest as attributes."""
     if not isinstance(path, str) or not path or len(path) > 500:
         raise CallableError(f"{path!r} is not a dotted path such as 'billing.jobs.close_day'.")
     parts = path.split(".")
@@ -225,32 +270,45 @@ def _import_attr(path: str) -> Any:
             f"{path!r} is not a dotted path of Python names such as 'billing.jobs.close_day' "
             f"(relative paths and other characters are not accepted)."
         )
-    for cut in range(len(parts), 0, -1):
-        module_name = ".".join(parts[:cut])
+    for name in parts:
+        if name.startswith("__"):
+            raise CallableError(f"{path!r} names a private attribute {name!r}; that is not allowed.")
+    obj: Any = None
+    cut = 0
+    # Shortest prefix first, so an error names the module that really failed to import.
+    for index in range(1, len(parts) + 1):
+        module_name = ".".join(parts[:index])
         try:
-            obj: Any = importlib.import_module(module_name)
+            module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
-                continue  # no such module: try a shorter prefix
+            if exc.name == module_name:
+                break  # no such module: the rest of the path names attributes
             raise CallableError(f"Importing {module_name!r} failed: {exc}. Fix the module.") from exc
         except Exception as exc:  # the module exists but fails to import
             raise CallableError(
                 f"Importing {module_name!r} raised {type(exc).__name__}: {exc}. Fix the module."
             ) from exc
-        for index, name in enumerate(parts[cut:], start=cut):
-            if name.startswith("__"):
-                raise CallableError(f"{path!r} names a private attribute {name!r}; that is not allowed.")
-            try:
-                # getattr_static first: never evaluate properties or descriptors of instances.
-                inspect.getattr_static(obj, name)
-            except AttributeError:
-                raise CallableError(
-                    f"{name!r} is not a member of {'.'.join(parts[:index])!r} "
-                    f"(from {path!r}). Check the spelling of the dotted path."
-                ) from None
-            obj = getattr(obj, name)
-        return obj
-    raise CallableError(f"Module {parts[0]!r} not found (from {path!r}). Check the dotted path and PYTHONPATH.")
+        obj, cut = module, index
+    if obj is None:
+        raise CallableError(f"Module {parts[0]!r} not found (from {path!r}). Check the dotted path and PYTHONPATH.")
+    for index, name in enumerate(parts[cut:], start=cut):
+        obj = _member(obj, name, f"{'.'.join(parts[:index])!r} (from {path!r})")
+    return obj
+
+
+def _member(obj: Any, name: str, where: str) -> Any:
+    """``getattr(obj, name)`` that never evaluates a property or other descriptor of an instance."""
+    try:
+        static = inspect.getattr_static(obj, name)
+    except AttributeError:
+        raise CallableError(f"{name!r} is not a member of {where}. Check the spelling of the dotted path.") from None
+    if inspect.ismodule(obj) or inspect.isclass(obj):
+        return getattr(obj, name)
+    if inspect.isfunction(static):
+        return static.__get__(obj)
+    if hasattr(type(static), "__get__"):
+        raise CallableError(f"{name!r} of {where} is a {type(static).__name__}, not a method; it is not evaluated.")
+    return static
 
 
 def func_from_string(path: str) -> Callable[..., Any]:
@@ -260,6 +318,9 @@ def func_from_string(path: str) -> Callable[..., Any]:
             f"{path!r} is not a full dotted path: name the module and the callable, "
             f"e.g. 'billing.jobs.close_day'."
         )
+    if not is_allowed(path):
+        # Checked before importing anything: importing a module runs its code.
+        _refuse(path, "its path")
     obj = _import_attr(path)
     if inspect.ismodule(obj):
         raise CallableError(f"{path!r} is a module; name a function inside it.")
@@ -278,10 +339,15 @@ def resolve(info: dict[str, Any]) -> Callable[..., Any]:
         raise CallableError(f"Function info {info!r} is not valid: recreate the task with task_with_callable.")
     check_allowed(info)
     if info["func_type"] != "instancemethod":
-        return func_from_string(info["func_path"])
-    cls = _import_attr(info["class_path"])
+        func = func_from_string(info.get("func_path"))
+        _check_same(info, get_func_info(func))
+        return func
+    cls = _import_attr(info.get("class_path"))
     if not _is_model_class(cls):
         raise CallableError(f"{info['class_path']!r} is no longer a Django model.")
+    name = info.get("func_name", "")
+    path = f"{cls.__module__}.{cls.__qualname__}.{name}"
+    _check_same(info, _model_method_info(cls, name, info.get("model_pk"), path))
     try:
         instance = cls._default_manager.get(pk=info["model_pk"])
     except cls.DoesNotExist:
@@ -289,7 +355,14 @@ def resolve(info: dict[str, Any]) -> Callable[..., Any]:
             f"{cls._meta.label} with pk {info['model_pk']!r} no longer exists, so "
             f"{info['func_path']!r} cannot run. Delete this task or point it at an existing row."
         ) from None
-    method = inspect.getattr_static(instance, info["func_name"], None)
-    if not inspect.isfunction(method):
-        raise CallableError(f"{info['func_path']!r} is no longer a method of {cls._meta.label}.")
     return getattr(instance, info["func_name"])
+
+
+def _check_same(stored: dict[str, Any], found: dict[str, Any]) -> None:
+    """The callable found must be the one the row names (a hand-edited row cannot point elsewhere)."""
+    keys = ("func_type", "module_name", "func_name", "func_path", "class_path")
+    if any(stored.get(key) != found.get(key) for key in keys) or str(stored.get("model_pk")) != str(found.get("model_pk")):
+        raise CallableError(
+            f"Function info {stored!r} does not describe the callable it leads to ({found!r}); "
+            f"recreate the task with task_with_callable."
+        )

@@ -1,4 +1,6 @@
 """Callables of every kind the API accepts, and some it must refuse."""
+import functools
+
 from . import models
 
 
@@ -44,3 +46,63 @@ def make_closure():
 
 
 lam = lambda message: None  # noqa: E731
+
+
+async def async_job(message):
+    pass
+
+
+def generator_job(message):
+    yield message
+
+
+def _shout(func):
+    def wrapper(message):
+        return func(message)
+    return wrapper
+
+
+@_shout
+def decorated_without_wraps(message):
+    pass
+
+
+def _logged(func):
+    @functools.wraps(func)
+    def wrapper(message):
+        return func(message)
+    return wrapper
+
+
+@_logged
+def decorated_with_wraps(message):
+    models.CALLS.append(("decorated", message))
+
+
+def shadowed(message):
+    pass
+
+
+old_shadowed = shadowed
+
+
+def shadowed(message):  # noqa: F811 - the name now leads to another function than old_shadowed
+    pass
+
+
+def with_defaults(message=None, *args, **kwargs):
+    pass
+
+
+def keyword_only(*, message):
+    pass
+
+
+class CallableObject:
+    def __call__(self, message):
+        pass
+
+
+callable_object = CallableObject()
+partial_job = functools.partial(two_params, other=1)
+some_widget = models.Widget(pk=1, name="module-level")

@@ -6,7 +6,17 @@ from django.db import models
 CALLS: list = []
 
 
-class Widget(models.Model):
+class Touchable(models.Model):
+    """Abstract: it has no rows, so its methods can only be scheduled through a concrete model."""
+
+    class Meta:
+        abstract = True
+
+    def base_touch(self, message):
+        CALLS.append(("base_touch", self.pk))
+
+
+class Widget(Touchable):
     name = models.CharField(max_length=50)
     touched = models.IntegerField(default=0)
 
@@ -19,6 +29,14 @@ class Widget(models.Model):
 
     def two_args(self, message, extra):
         pass
+
+    @staticmethod
+    def static_job(message):
+        CALLS.append(("widget_static", message))
+
+    @classmethod
+    def class_job(cls, message):
+        CALLS.append(("widget_class", message))
 
     @property
     def exploding(self):

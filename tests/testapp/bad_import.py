@@ -1,0 +1,2 @@
+"""A module that imports something that does not exist."""
+import sisy_no_such_dependency  # noqa: F401

@@ -1,0 +1,2 @@
+"""A module that fails while it is imported."""
+raise RuntimeError("broken on purpose")
