@@ -97,9 +97,14 @@ class TaskQuerySet(models.QuerySet):
         )
 
     def finish(self) -> int:
-        """Finish these tasks: delete them, or disable them with SISY_KEEP_FINISHED_TASKS."""
+        """Finish these tasks: delete them, or disable them with SISY_KEEP_FINISHED_TASKS.
+
+        A kept task gets ``finished_at``, which tells it apart from one a user disabled
+        (``sisy_purge_finished`` and the admin's "finished" filter rely on that).
+        """
         if conf.keep_finished_tasks():
-            return self.update(enabled=False, running=False, in_flight=0, lease_expires=None)
+            return self.update(enabled=False, running=False, in_flight=0, lease_expires=None,
+                               finished_at=timezone.now())
         return self.delete()[0]
 
 
@@ -147,6 +152,10 @@ class Task(models.Model):
     )
     last_status = models.CharField(max_length=20, blank=True, editable=False)
     problem = models.TextField(blank=True, editable=False)
+    finished_at = models.DateTimeField(
+        null=True, blank=True, editable=False,
+        help_text="When the task finished and was kept disabled (SISY_KEEP_FINISHED_TASKS).",
+    )
 
     objects = TaskQuerySet.as_manager()
 
@@ -241,6 +250,8 @@ class Task(models.Model):
             )
         if not self.label:
             self.label = self.callable_path
+        if self.enabled and self.finished_at is not None:
+            self.finished_at = None  # enabled again: no longer a finished task
         adding = self._state.adding
         changed = None if adding else self._changed_fields()
         if self.next_run == HAS_NOT_RUN or (changed and any(f in changed for f in _SCHEDULING_FIELDS)):
