@@ -1,0 +1,381 @@
+"""Django admin for sisy tasks: readable schedules, safe editing, run now, run history, beat health.
+
+The changelist reads only the task rows themselves (no per-row queries, no full-table
+count), so it stays fast with many tasks. Every view that can start a run requires
+the change permission and refuses callables outside ``SISY_ALLOWED_MODULES``.
+"""
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta, tzinfo
+from functools import lru_cache
+from typing import Any
+
+from cron_descriptor import ExpressionDescriptor, Options
+from django.contrib import admin, messages
+from django.contrib.admin.utils import quote, unquote
+from django.core.exceptions import PermissionDenied
+from django.db.models import Q, QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+from django.utils.timesince import timesince, timeuntil
+from django_celery_results.models import TaskResult
+
+from . import conf, schedules
+from .callables import CallableError, check_allowed
+from .forms import TaskForm
+from .models import FAR_FUTURE, HAS_NOT_RUN, BeatProcess, Task
+from .tasks import TaskBusy, run_now
+
+logger = logging.getLogger("sisy_celery.admin")
+
+PREVIEW_COUNT = 5
+RUNS_PER_PAGE = 20
+_DESCRIBE_OPTIONS = Options()
+_DESCRIBE_OPTIONS.use_24hour_time_format = True
+
+
+@lru_cache(maxsize=2048)
+def describe_schedule(schedule: str) -> str:
+    """A plain-English description of a cron string ("" if it is not valid).
+
+    cron-descriptor reads a 6-field string as *seconds first*, while our 6th field is
+    seconds, so the fields are rotated; if it still cannot describe the string, the
+    fields that are not ``*`` are listed by name.
+    """
+    try:
+        fields = schedules.describe_fields(schedule)
+    except ValueError:
+        return ""
+    values = list(fields.values())
+    if len(values) == 6:
+        values = values[5:] + values[:5]
+    try:
+        return ExpressionDescriptor(" ".join(values), _DESCRIBE_OPTIONS).get_description()
+    except Exception:  # cron-descriptor rejects some forms croniter accepts
+        logger.debug("cron-descriptor cannot describe %r", schedule, exc_info=True)
+        return ", ".join(f"{name} {value}" for name, value in fields.items() if value != "*") or "every minute"
+
+
+def upcoming(schedule: str, zone: tzinfo, after: datetime, count: int = PREVIEW_COUNT,
+             until: datetime = FAR_FUTURE) -> list[datetime]:
+    """The next ``count`` slots of ``schedule`` after ``after`` and not later than ``until``."""
+    runs: list[datetime] = []
+    while len(runs) < count:
+        after = schedules.next_run(schedule, after, zone)
+        if after > until:
+            break
+        runs.append(after)
+    return runs
+
+
+def relative(moment: datetime, now: datetime) -> str:
+    """'in 3 minutes' / '12 seconds ago', with seconds for sub-minute schedules."""
+    seconds = (moment - now).total_seconds()
+    if abs(seconds) < 60:
+        amount = f"{abs(int(seconds))} second{'' if abs(int(seconds)) == 1 else 's'}"
+    else:
+        amount = timeuntil(moment, now, depth=1) if seconds > 0 else timesince(moment, now, depth=1)
+    return f"in {amount}" if seconds >= 0 else f"{amount} ago"
+
+
+def local_time(moment: datetime, zone: tzinfo) -> str:
+    return moment.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def when(moment: datetime, zone: tzinfo, now: datetime) -> str:
+    """Relative and absolute time in one cell, absolute in the task's zone."""
+    return format_html('{}<br><span class="quiet" title="{}">{}</span>',
+                       relative(moment, now), moment.isoformat(), local_time(moment, zone))
+
+
+def zone_or_none(task: Task) -> tzinfo | None:
+    try:
+        return task.zone
+    except ValueError:
+        return None
+
+
+class StateFilter(admin.SimpleListFilter):
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return [("finished", "Finished (kept)"), ("problem", "Has a problem")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Task]) -> QuerySet[Task]:
+        if self.value() == "finished":
+            return queryset.filter(enabled=False, finished_at__isnull=False)
+        if self.value() == "problem":
+            return queryset.exclude(problem="")
+        return queryset
+
+
+@admin.register(Task)
+class TaskAdmin(admin.ModelAdmin):
+    form = TaskForm
+    list_display = (
+        "label", "callable_display", "schedule_display", "zone_display", "next_run_display",
+        "last_run_display", "last_result", "iterations_display", "enabled", "running",
+    )
+    list_filter = ("enabled", "running", "allow_overlap", StateFilter)
+    search_fields = ("label", "_func_info__func_path")
+    ordering = ("-enabled", "next_run")
+    show_full_result_count = False
+    actions = ("enable_tasks", "disable_tasks", "run_tasks_now", "clear_running")
+    state_fields = (
+        "next_run_display", "last_run_display", "last_status", "running", "in_flight", "lease_expires",
+        "claimed_slot", "problem", "finished_at", "created_at", "modified_at",
+    )
+    readonly_fields = ("next_runs", "callable_display", *state_fields)
+
+    class Media:
+        js = ("sisy_celery/schedule_preview.js",)
+
+    # -- form layout --------------------------------------------------------------------
+
+    def get_fieldsets(self, request: HttpRequest, obj: Task | None = None) -> list[tuple[str | None, dict]]:
+        editable = self.has_change_permission(request, obj) if obj else self.has_add_permission(request)
+        callable_fields = ("callable", "pk_override") if editable else ("callable_display",)
+        fieldsets: list[tuple[str | None, dict]] = [
+            (None, {"fields": ("label", *callable_fields, "enabled")}),
+            ("Schedule", {"fields": ("schedule", "timezone", "next_runs", "start_running", "end_running",
+                                     "wait_for_schedule")}),
+            ("Runs", {"fields": ("iterations", "allow_overlap", "userdata")}),
+            ("Celery message", {"fields": ("queue", "priority", "expires")}),
+        ]
+        if obj is not None:
+            fieldsets.append(("State", {"fields": self.state_fields}))
+        return fieldsets
+
+    # -- columns ------------------------------------------------------------------------
+
+    @admin.display(description="Callable")
+    def callable_display(self, task: Task) -> str:
+        info = task._func_info or {}
+        if info.get("func_type") == "instancemethod":
+            return format_html("<code>{}</code> (pk {})", task.callable_path, info.get("model_pk"))
+        return format_html("<code>{}</code>", task.callable_path)
+
+    @admin.display(description="Schedule", ordering="schedule")
+    def schedule_display(self, task: Task) -> str:
+        return format_html('<code>{}</code><br><span class="quiet">{}</span>',
+                           task.schedule, describe_schedule(task.schedule))
+
+    @admin.display(description="Time zone", ordering="timezone")
+    def zone_display(self, task: Task) -> str:
+        return task.timezone or format_html('{} <span class="quiet">(default)</span>', conf.timezone_name())
+
+    @admin.display(description="Next run", ordering="next_run")
+    def next_run_display(self, task: Task) -> str:
+        if task.problem:
+            return format_html('<span class="errornote" title="{}">problem</span>', task.problem)
+        zone = zone_or_none(task)
+        if not task.enabled or task.next_run >= FAR_FUTURE or zone is None:
+            return "—"
+        return when(task.next_run, zone, timezone.now())
+
+    @admin.display(description="Last run", ordering="last_run")
+    def last_run_display(self, task: Task) -> str:
+        zone = zone_or_none(task)
+        if task.last_run <= HAS_NOT_RUN or zone is None:
+            return "never"
+        return when(task.last_run, zone, timezone.now())
+
+    @admin.display(description="Last result", ordering="last_status")
+    def last_result(self, task: Task) -> str:
+        return task.last_status or "—"
+
+    @admin.display(description="Iterations left", ordering="iterations")
+    def iterations_display(self, task: Task) -> str:
+        return str(task.iterations) if task.iterations else "∞"
+
+    @admin.display(description="Next runs")
+    def next_runs(self, task: Task) -> str:
+        """Server-rendered preview; schedule_preview.js refreshes it as the fields are edited."""
+        url = reverse(f"{self.admin_site.name}:sisy_celery_task_preview")
+        try:
+            zone = task.zone
+            now = timezone.now()
+            start = max(now, task.start_running)
+            runs = upcoming(task.schedule, zone, start - timedelta(microseconds=1), until=task.end_running)
+        except ValueError as exc:
+            body = format_html('<p class="errornote">{}</p>', exc)
+        else:
+            items = format_html_join("", "<li>{} <span class=\"quiet\">({})</span></li>",
+                                     ((local_time(run, zone), relative(run, now)) for run in runs))
+            body = format_html('<p class="quiet">{}</p><ol>{}</ol>', describe_schedule(task.schedule),
+                               items or format_html("<li>{}</li>", "none before the end of the window"))
+        return format_html('<div class="sisy-preview" data-url="{}">{}</div>', url, body)
+
+    # -- actions ------------------------------------------------------------------------
+
+    @admin.action(description="Enable selected tasks", permissions=["change"])
+    def enable_tasks(self, request: HttpRequest, queryset: QuerySet[Task]) -> None:
+        enabled = 0
+        for task in queryset.filter(enabled=False).iterator(chunk_size=500):
+            task.enabled = True
+            try:
+                task.save()  # save() computes the next run from now, so no stale slot fires
+            except ValueError as exc:
+                self.message_user(request, f"{task} (id {task.pk}) not enabled: {exc}", messages.ERROR)
+            else:
+                enabled += 1
+        self.message_user(request, f"{enabled} task(s) enabled.", messages.SUCCESS)
+
+    @admin.action(description="Disable selected tasks", permissions=["change"])
+    def disable_tasks(self, request: HttpRequest, queryset: QuerySet[Task]) -> None:
+        count = queryset.filter(enabled=True).update(enabled=False, modified_at=timezone.now())
+        self.message_user(request, f"{count} task(s) disabled.", messages.SUCCESS)
+
+    @admin.action(description="Run selected tasks now", permissions=["change"])
+    def run_tasks_now(self, request: HttpRequest, queryset: QuerySet[Task]) -> None:
+        for task in queryset:
+            self.dispatch(request, task)
+
+    @admin.action(description="Clear a stuck running flag", permissions=["change"])
+    def clear_running(self, request: HttpRequest, queryset: QuerySet[Task]) -> None:
+        stuck = list(queryset.filter(Q(running=True) | Q(in_flight__gt=0)).values_list("pk", flat=True))
+        count = Task.objects.filter(pk__in=stuck).update(running=False, in_flight=0, lease_expires=None)
+        if stuck:
+            logger.warning("sisy running flag of task ids %s cleared by %s in the admin", stuck, request.user)
+        self.message_user(request, f"Running flag cleared on {count} task(s).", messages.SUCCESS)
+
+    def dispatch(self, request: HttpRequest, task: Task) -> bool:
+        """Send one run of ``task`` now and say so; refuse callables that are not allowed."""
+        try:
+            check_allowed(task._func_info or {})
+            result = run_now(task)
+        except CallableError as exc:
+            self.message_user(request, f"{task} (id {task.pk}) not sent: {exc}", messages.ERROR)
+            return False
+        except TaskBusy as exc:
+            self.message_user(request, str(exc), messages.WARNING)
+            return False
+        logger.info("sisy task id=%s label=%r sent now by %s (id %s)", task.pk, task.label, request.user, result.id)
+        self.message_user(request, f"{task} (id {task.pk}) sent: Celery task id {result.id}.", messages.SUCCESS)
+        return True
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        action = request.POST.get("action") if request.method == "POST" else None
+        if action and action not in self.get_actions(request):
+            raise PermissionDenied  # e.g. a view-only user posting "run now"
+        return super().changelist_view(request, extra_context)
+
+    # -- extra views --------------------------------------------------------------------
+
+    def get_urls(self) -> list[Any]:
+        name = f"{self.opts.app_label}_{self.opts.model_name}"
+        return [
+            path("preview/", self.admin_site.admin_view(self.preview_view), name=f"{name}_preview"),
+            path("<path:object_id>/run/", self.admin_site.admin_view(self.run_now_view), name=f"{name}_run"),
+            *super().get_urls(),
+        ]
+
+    def preview_view(self, request: HttpRequest) -> JsonResponse:
+        """JSON: the next runs of ``?schedule=&timezone=``, or the error naming the bad field."""
+        if not (self.has_add_permission(request) or self.has_change_permission(request)):
+            raise PermissionDenied
+        schedule = request.GET.get("schedule", "")
+        zone_name = request.GET.get("timezone", "").strip()
+        try:
+            schedules.validate(schedule)
+        except ValueError as exc:
+            return JsonResponse({"field": "schedule", "error": str(exc)}, status=400)
+        try:
+            zone = conf.get_zone(zone_name or None)
+        except ValueError as exc:
+            return JsonResponse({"field": "timezone", "error": str(exc)}, status=400)
+        now = timezone.now()
+        runs = upcoming(schedule, zone, now)
+        return JsonResponse({
+            "description": describe_schedule(schedule),
+            "timezone": str(zone),
+            "runs": [{"at": run.isoformat(), "local": local_time(run, zone), "relative": relative(run, now)}
+                     for run in runs],
+        })
+
+    def run_now_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """GET asks for confirmation, POST sends one run now (change permission required)."""
+        task = self.get_object(request, unquote(object_id))
+        if task is None:
+            return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)
+        if not self.has_change_permission(request, task):
+            raise PermissionDenied
+        change_url = reverse(f"{self.admin_site.name}:sisy_celery_task_change", args=[quote(task.pk)])
+        if request.method == "POST":
+            self.dispatch(request, task)
+            return HttpResponseRedirect(change_url)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Run this task now?",
+            "subtitle": str(task),
+            "opts": self.opts,
+            "object": task,
+            "change_url": change_url,
+        }
+        return TemplateResponse(request, "admin/sisy_celery/task/run_now_confirmation.html", context)
+
+    # -- run history --------------------------------------------------------------------
+
+    def render_change_form(self, request: HttpRequest, context: dict[str, Any], add: bool = False,
+                           change: bool = False, form_url: str = "", obj: Task | None = None) -> HttpResponse:
+        if obj is not None and obj.pk is not None:
+            context.update(self.run_history(request, obj))
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def run_history(self, request: HttpRequest, task: Task) -> dict[str, Any]:
+        """One page of the task's results from django-celery-results, in one query (no COUNT)."""
+        try:
+            page = max(1, int(request.GET.get("runs_page", "1")))
+        except ValueError:
+            page = 1
+        start = (page - 1) * RUNS_PER_PAGE
+        rows = list(
+            TaskResult.objects.filter(periodic_task_name=task.result_tag)
+            .order_by("-date_created", "-id")
+            .only("id", "task_id", "status", "worker", "date_created", "date_started", "date_done")
+            [start:start + RUNS_PER_PAGE + 1]
+        )
+        linked = self.admin_site.is_registered(TaskResult) and request.user.has_perm(
+            "django_celery_results.view_taskresult")
+        zone = zone_or_none(task) or timezone.get_current_timezone()
+        runs = []
+        for result in rows[:RUNS_PER_PAGE]:
+            started = result.date_started or result.date_created
+            duration = result.date_done - started if result.date_done and started else None
+            runs.append({
+                "result": result,
+                "started": local_time(started, zone) if started else "",
+                "duration": f"{duration.total_seconds():.3f} s" if duration is not None else "",
+                "url": reverse(f"{self.admin_site.name}:django_celery_results_taskresult_change",
+                               args=[quote(result.pk)]) if linked else "",
+            })
+        return {
+            "runs": runs,
+            "runs_page": page,
+            "runs_previous": page - 1 if page > 1 else None,
+            "runs_next": page + 1 if len(rows) > RUNS_PER_PAGE else None,
+        }
+
+
+@admin.register(BeatProcess)
+class BeatProcessAdmin(admin.ModelAdmin):
+    """Beat processes as they last reported; read-only (stale rows may be deleted)."""
+
+    list_display = ("ident", "hostname", "pid", "started_at", "last_tick", "tick_age")
+    ordering = ("-last_tick",)
+    search_fields = ("ident", "hostname")
+
+    @admin.display(description="Last tick")
+    def tick_age(self, beat: BeatProcess) -> str:
+        return relative(beat.last_tick, timezone.now())
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: BeatProcess | None = None) -> bool:
+        return False
