@@ -60,9 +60,25 @@ def check_userdata(value: Any) -> dict[str, Any]:
             f"userdata must be a dict of JSON-serializable data ({exc}): use only dicts with "
             f"string keys, lists, strings, finite numbers, booleans and None."
         ) from None
-    if "\\u0000" in text:
-        raise ValueError("userdata must not contain NUL characters (databases cannot store them).")
+    _check_json_tree(value)
     return value
+
+
+def _check_json_tree(value: Any) -> None:
+    """JSON would turn other keys into strings (so the data would come back changed), and
+    PostgreSQL cannot store NUL characters: refuse both at creation, on every database."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError("userdata must not contain NUL characters (databases cannot store them).")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"userdata keys must be strings, got {key!r}: JSON would turn it into {str(key)!r}.")
+            _check_json_tree(key)
+            _check_json_tree(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_json_tree(item)
 
 
 def check_delay_until(value: Any, now: datetime) -> datetime:
@@ -173,15 +189,35 @@ class Task(models.Model):
         instance._remember()
         return instance
 
-    def _remember(self) -> None:
-        self._loaded = {f.attname: _copy(self.__dict__[f.attname]) for f in self._meta.concrete_fields if f.attname in self.__dict__}
+    def refresh_from_db(self, *args: Any, **kwargs: Any) -> None:
+        """Refreshed (or lazily loaded deferred) fields are the database's values again."""
+        super().refresh_from_db(*args, **kwargs)
+        fields = kwargs.get("fields", args[1] if len(args) > 1 else None)
+        self._remember(fields)
+
+    def _remember(self, fields: Any = None) -> None:
+        """Note the values as they are in the database (only ``fields`` if given)."""
+        loaded = {} if fields is None else dict(getattr(self, "_loaded", {}))
+        names = None if fields is None else set(fields)
+        for f in self._meta.concrete_fields:
+            if f.attname in self.__dict__ and (names is None or f.name in names or f.attname in names):
+                loaded[f.attname] = _copy(self.__dict__[f.attname])
+        self._loaded = loaded
 
     def _changed_fields(self) -> list[str]:
+        """Fields whose value differs from the database's, or was set while deferred."""
         loaded = getattr(self, "_loaded", {})
         return [
             f.name for f in self._meta.concrete_fields
-            if f.attname in loaded and f.attname in self.__dict__ and self.__dict__[f.attname] != loaded[f.attname]
+            if f.attname in self.__dict__ and (f.attname not in loaded or self.__dict__[f.attname] != loaded[f.attname])
         ]
+
+    def check_lengths(self) -> None:
+        """ValueError for text longer than its column (SQLite would store it, PostgreSQL would not)."""
+        for f in self._meta.concrete_fields:
+            value = self.__dict__.get(f.attname)
+            if isinstance(f, models.CharField) and f.max_length and isinstance(value, str) and len(value) > f.max_length:
+                raise ValueError(f"{f.name} {value[:40]!r}... is longer than {f.max_length} characters.")
 
     # -- properties ---------------------------------------------------------------------
 
@@ -240,6 +276,7 @@ class Task(models.Model):
 
     def save(self, *args: Any, **kwargs: Any) -> None:
         schedules.validate(self.schedule)
+        self.check_lengths()
         if self.timezone:
             conf.get_zone(self.timezone)
         check_userdata(self._extra_data)
@@ -254,18 +291,24 @@ class Task(models.Model):
             self.finished_at = None  # enabled again: no longer a finished task
         adding = self._state.adding
         changed = None if adding else self._changed_fields()
-        if self.next_run == HAS_NOT_RUN or (changed and any(f in changed for f in _SCHEDULING_FIELDS)):
+        requested = kwargs.get("update_fields")
+        if requested is not None and changed is not None:
+            changed = [name for name in changed if name in set(requested)]
+        rescheduled = self.next_run == HAS_NOT_RUN or bool(changed and any(f in changed for f in _SCHEDULING_FIELDS))
+        if rescheduled:
             self.next_run = self.first_run(timezone.now())
             self.problem = ""
             if changed is not None:
                 changed += ["next_run", "problem"]
-        if changed is not None and kwargs.get("update_fields") is None and hasattr(self, "_loaded") \
-                and not kwargs.get("force_insert"):
+        if requested is not None:
+            # The caller chose the fields; a recomputed next run is written with them.
+            kwargs["update_fields"] = sorted(set(requested) | ({"next_run", "problem"} if rescheduled else set()))
+        elif changed is not None and hasattr(self, "_loaded") and not kwargs.get("force_insert"):
             # Write only what this instance changed: beat and workers update next_run,
             # iterations and running concurrently, and a stale copy must not undo that.
             kwargs["update_fields"] = sorted(set(changed) | {"modified_at"})
         super().save(*args, **kwargs)
-        self._remember()
+        self._remember(None if requested is None else kwargs["update_fields"])
 
     # -- the original's class methods ---------------------------------------------------
 
@@ -341,8 +384,9 @@ def task_with_callable(
     if task.timezone:
         conf.get_zone(task.timezone)
     for name in ("start_running", "end_running"):
-        if name in fields and timezone.is_naive(fields[name]):
+        if name in fields and (not isinstance(fields[name], datetime) or timezone.is_naive(fields[name])):
             raise ValueError(f"{name} must be a timezone-aware datetime.")
+    task.check_lengths()
     return task
 
 
