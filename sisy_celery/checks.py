@@ -1,6 +1,7 @@
 """Django system checks for sisy-celery settings: misconfiguration fails at start, not at 3 a.m."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from django.conf import settings
@@ -51,9 +52,13 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
         ("SISY_BEAT_BATCH_SIZE", conf.DEFAULT_BEAT_BATCH_SIZE),
     ):
         value = getattr(settings, name, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        # NaN and infinity pass "> 0" but would make beat sleep forever or never; a batch
+        # size is read with int(), so 0.5 would become 0 and beat would claim no rows.
+        whole = name == "SISY_BEAT_BATCH_SIZE"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or value <= 0 or (whole and value != int(value)):
             errors.append(Error(
-                f"{name} must be a number greater than 0, got {value!r}.",
+                f"{name} must be a {'whole ' if whole else ''}number greater than 0, got {value!r}.",
                 hint=f"Remove it to use the default ({default}) or set a positive number.",
                 id={"SISY_HEARTBEAT_FREQUENCY": "sisy_celery.E004", "SISY_RUNNING_TIMEOUT": "sisy_celery.E005",
                     "SISY_BEAT_BATCH_SIZE": "sisy_celery.E006"}[name],

@@ -1,0 +1,152 @@
+"""Django system checks for sisy-celery's settings (sisy_celery/checks.py)."""
+from __future__ import annotations
+
+import io
+
+import pytest
+from django.core.checks import Error, Warning, run_checks
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
+from django.test import override_settings
+
+from sisy_celery.checks import check_settings
+
+
+@pytest.fixture(autouse=True)
+def _allow_list(settings):
+    """pytest-django runs tests with DEBUG = False, where no allow-list is a warning (W001)."""
+    settings.SISY_ALLOWED_MODULES = ["tests.testapp"]
+
+
+def sisy_messages() -> list:
+    """The messages of sisy-celery's registered checks, as `manage.py check` runs them."""
+    return [m for m in run_checks() if m.id and m.id.startswith("sisy_celery.")]
+
+
+def only(expected_id: str):
+    messages = sisy_messages()
+    assert [m.id for m in messages] == [expected_id], [str(m) for m in messages]
+    message = messages[0]
+    assert message.hint
+    return message
+
+
+def test_good_settings_give_no_messages():
+    assert sisy_messages() == []
+    assert check_settings() == []
+
+
+@override_settings(DEBUG=False, SISY_ALLOWED_MODULES=["tests.testapp"], SISY_DEFAULT_SCHEDULE="*/5 * * * *",
+                   SISY_TIMEZONE="Europe/Paris", SISY_HEARTBEAT_FREQUENCY=0.5, SISY_RUNNING_TIMEOUT=60,
+                   SISY_BEAT_BATCH_SIZE=10)
+def test_good_production_settings_give_no_messages():
+    assert sisy_messages() == []
+
+
+@pytest.mark.parametrize("schedule, detail", [
+    ("* * *", "it has 3 fields"),
+    ("* 25 * * *", "field 2 (hour) '25' is not valid"),
+    ("", "it must be a non-empty string"),
+    (5, "it must be a non-empty string"),
+])
+def test_bad_default_schedule(schedule, detail):
+    with override_settings(SISY_DEFAULT_SCHEDULE=schedule):
+        message = only("sisy_celery.E001")
+    assert isinstance(message, Error)
+    assert message.msg.startswith("SISY_DEFAULT_SCHEDULE is not a valid cron string: Invalid cron schedule")
+    assert detail in message.msg
+    assert message.hint == "Set it to a cron string such as '* * * * *' or remove it."
+
+
+@pytest.mark.parametrize("overrides, name", [
+    ({"SISY_TIMEZONE": "Mars/Olympus"}, "Mars/Olympus"),
+    ({"CELERY_TIMEZONE": "Atlantis/Capital"}, "Atlantis/Capital"),
+    ({"SISY_TIMEZONE": "Nowhere", "CELERY_TIMEZONE": "UTC"}, "Nowhere"),
+])
+def test_unknown_time_zone(overrides, name):
+    with override_settings(**overrides):
+        message = only("sisy_celery.E002")
+    assert message.msg == (f"The time zone {name!r} (from SISY_TIMEZONE, CELERY_TIMEZONE or TIME_ZONE) is unknown.")
+    assert "IANA zone name" in message.hint
+
+
+@pytest.mark.parametrize("allowed", [
+    "tests.testapp", ["tests..testapp"], [""], [None], [".tests"], ["tests.testapp."], 42, {"tests": True},
+    ["tests-app"],
+])
+def test_bad_allow_list(allowed):
+    with override_settings(SISY_ALLOWED_MODULES=allowed):
+        message = only("sisy_celery.E003")
+    assert message.msg == f"SISY_ALLOWED_MODULES must be None or a list of dotted module prefixes, got {allowed!r}."
+    assert message.hint == "For example SISY_ALLOWED_MODULES = ['billing.jobs', 'reports']."
+
+
+@pytest.mark.parametrize("allowed", [[], ["tests"], ("a.b", "c"), ["tests.testapp.jobs"]])
+def test_good_allow_lists(allowed):
+    with override_settings(SISY_ALLOWED_MODULES=allowed, DEBUG=False):
+        assert sisy_messages() == []
+
+
+@pytest.mark.parametrize("setting, code", [
+    ("SISY_HEARTBEAT_FREQUENCY", "E004"), ("SISY_RUNNING_TIMEOUT", "E005"), ("SISY_BEAT_BATCH_SIZE", "E006"),
+])
+@pytest.mark.parametrize("value", [0, -1, -0.5, "10", None, True, float("nan"), float("inf")])
+def test_numbers_must_be_positive(setting, code, value):
+    with override_settings(**{setting: value}):
+        message = only(f"sisy_celery.{code}")
+    assert message.msg.startswith(f"{setting} must be ")
+    assert message.msg.endswith(f"got {value!r}.")
+    assert "Remove it to use the default" in message.hint
+
+
+@pytest.mark.parametrize("value", [0.5, 2.5, 1e9 + 0.5])
+def test_batch_size_must_be_a_whole_number(value):
+    # int(0.5) would be 0: beat would claim no rows at all.
+    with override_settings(SISY_BEAT_BATCH_SIZE=value):
+        message = only("sisy_celery.E006")
+    assert message.msg == f"SISY_BEAT_BATCH_SIZE must be a whole number greater than 0, got {value!r}."
+    assert message.hint == "Remove it to use the default (1000) or set a positive number."
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("SISY_HEARTBEAT_FREQUENCY", 0.25), ("SISY_HEARTBEAT_FREQUENCY", 3600), ("SISY_RUNNING_TIMEOUT", 5.5),
+    ("SISY_BEAT_BATCH_SIZE", 1), ("SISY_BEAT_BATCH_SIZE", 50.0),
+])
+def test_good_numbers(setting, value):
+    with override_settings(**{setting: value}):
+        assert sisy_messages() == []
+
+
+@override_settings(USE_TZ=False)
+def test_use_tz_false():
+    message = only("sisy_celery.E007")
+    assert message.msg == "sisy-celery needs USE_TZ = True: schedules are evaluated in real time zones."
+    assert message.hint == "Set USE_TZ = True (the Django default)."
+
+
+@override_settings(DEBUG=False, SISY_ALLOWED_MODULES=None)
+def test_no_allow_list_in_production_warns():
+    message = only("sisy_celery.W001")
+    assert isinstance(message, Warning) and not isinstance(message, Error)
+    assert message.msg == "SISY_ALLOWED_MODULES is not set, so a task may call any importable function."
+    assert "List the module prefixes" in message.hint
+
+
+@override_settings(DEBUG=True, SISY_ALLOWED_MODULES=None)
+def test_no_allow_list_while_debugging_is_fine():
+    assert sisy_messages() == []
+
+
+@override_settings(DEBUG=False, SISY_ALLOWED_MODULES=None, USE_TZ=False, SISY_BEAT_BATCH_SIZE=0,
+                   SISY_DEFAULT_SCHEDULE="bad")
+def test_several_problems_are_all_reported():
+    assert sorted(m.id for m in sisy_messages()) == [
+        "sisy_celery.E001", "sisy_celery.E006", "sisy_celery.E007", "sisy_celery.W001",
+    ]
+    assert all(m.hint for m in sisy_messages())
+
+
+@override_settings(SISY_HEARTBEAT_FREQUENCY=0)
+def test_manage_py_check_fails_on_errors():
+    with pytest.raises(SystemCheckError, match=r"sisy_celery.E004"):
+        call_command("check", stdout=io.StringIO(), stderr=io.StringIO())
