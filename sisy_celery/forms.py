@@ -21,8 +21,7 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils.html import format_html, format_html_join
 
-from . import conf
-from .callables import CallableError, func_from_string, get_func_info, is_allowed
+from .callables import CallableError, func_from_string, get_func_info
 from .models import FAR_FUTURE, HAS_NOT_RUN, Task, check_userdata
 
 
@@ -45,15 +44,6 @@ class ZoneInput(forms.TextInput):
                            self.datalist_id, options)
 
 
-def check_path_allowed(path: str) -> None:
-    """Refuse a path outside SISY_ALLOWED_MODULES before importing anything for it."""
-    if not is_allowed(path):
-        raise CallableError(
-            f"Callable {path!r} is not allowed: it is not under SISY_ALLOWED_MODULES "
-            f"{conf.allowed_modules()!r}. Add its module prefix to that setting."
-        )
-
-
 def method_model(path: str) -> type[models.Model] | None:
     """The model class if ``path`` names a plain method of a Django model, else None."""
     func = func_from_string(path)
@@ -69,8 +59,10 @@ def method_model(path: str) -> type[models.Model] | None:
 
 
 def func_info_for(path: str, pk: str) -> dict[str, Any]:
-    """Function info for a dotted path typed in the admin; errors name the field to fix."""
-    check_path_allowed(path)
+    """Function info for a dotted path typed in the admin; errors name the field to fix.
+
+    ``func_from_string`` checks SISY_ALLOWED_MODULES before it imports anything.
+    """
     model = method_model(path)
     if model is None:
         if pk:
