@@ -66,10 +66,11 @@ def check_userdata(value: Any) -> dict[str, Any]:
 
 def _check_json_tree(value: Any) -> None:
     """JSON would turn other keys into strings (so the data would come back changed), and
-    PostgreSQL cannot store NUL characters: refuse both at creation, on every database."""
+    PostgreSQL cannot store NUL characters or lone surrogates: refuse them at creation, on every database."""
     if isinstance(value, str):
-        if "\x00" in value:
-            raise ValueError("userdata must not contain NUL characters (databases cannot store them).")
+        problem = _text_problem(value)
+        if problem:
+            raise ValueError(f"userdata must not contain {problem}.")
     elif isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
@@ -79,6 +80,17 @@ def _check_json_tree(value: Any) -> None:
     elif isinstance(value, (list, tuple)):
         for item in value:
             _check_json_tree(item)
+
+
+def _text_problem(value: str) -> str:
+    """What in ``value`` a database cannot store, or '' if nothing."""
+    if "\x00" in value:
+        return "NUL characters (databases cannot store them)"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "lone surrogate characters (they are not valid Unicode; databases cannot store them)"
+    return ""
 
 
 def check_delay_until(value: Any, now: datetime) -> datetime:
@@ -212,12 +224,17 @@ class Task(models.Model):
             if f.attname in self.__dict__ and (f.attname not in loaded or self.__dict__[f.attname] != loaded[f.attname])
         ]
 
-    def check_lengths(self) -> None:
-        """ValueError for text longer than its column (SQLite would store it, PostgreSQL would not)."""
+    def check_text(self) -> None:
+        """ValueError for text a column cannot hold (SQLite would store it, PostgreSQL would not)."""
         for f in self._meta.concrete_fields:
             value = self.__dict__.get(f.attname)
-            if isinstance(f, models.CharField) and f.max_length and isinstance(value, str) and len(value) > f.max_length:
+            if not isinstance(f, (models.CharField, models.TextField)) or not isinstance(value, str):
+                continue
+            if f.max_length and len(value) > f.max_length:
                 raise ValueError(f"{f.name} {value[:40]!r}... is longer than {f.max_length} characters.")
+            problem = _text_problem(value)
+            if problem:
+                raise ValueError(f"{f.name} must not contain {problem}.")
 
     # -- properties ---------------------------------------------------------------------
 
@@ -276,7 +293,7 @@ class Task(models.Model):
 
     def save(self, *args: Any, **kwargs: Any) -> None:
         schedules.validate(self.schedule)
-        self.check_lengths()
+        self.check_text()
         if self.timezone:
             conf.get_zone(self.timezone)
         check_userdata(self._extra_data)
@@ -386,7 +403,7 @@ def task_with_callable(
     for name in ("start_running", "end_running"):
         if name in fields and (not isinstance(fields[name], datetime) or timezone.is_naive(fields[name])):
             raise ValueError(f"{name} must be a timezone-aware datetime.")
-    task.check_lengths()
+    task.check_text()
     return task
 
 

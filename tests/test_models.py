@@ -10,6 +10,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 from django.core.exceptions import ValidationError
 from django.core.management import call_command
 from django.db import connection
@@ -109,7 +110,7 @@ def test_invalid_cron_is_refused(schedule, message):
     assert message in str(info.value)
 
 
-def test_overlong_text_is_refused_on_every_database():
+def test_text_a_column_cannot_hold_is_refused_on_every_database():
     schedule = ",".join(str(m) for m in range(0, 60, 2)) + " * * * *"
     assert len(schedule) > 80
     with pytest.raises(ValueError, match=r"schedule '0,2,4,6,8,10,12,14,16,18,20,22,24,26,28,'\.\.\. is longer than "
@@ -120,6 +121,11 @@ def test_overlong_text_is_refused_on_every_database():
     task = Task.run_iterations(jobs.job)
     task.queue = "q" * 201
     with pytest.raises(ValueError, match="queue 'qqq.*is longer than 200 characters"):
+        task.save()
+    with pytest.raises(ValueError, match=r"label must not contain NUL characters \(databases cannot store them\)\."):
+        task_with_callable(jobs.job, label="a\x00b")
+    task.queue = "\ud800"
+    with pytest.raises(ValueError, match="queue must not contain lone surrogate characters"):
         task.save()
 
 
@@ -143,12 +149,35 @@ def test_userdata_accepted(userdata, expected):
     ({"a": datetime(2026, 1, 1)}, "Object of type datetime is not JSON serializable"),
     ({1: "x"}, "userdata keys must be strings, got 1"),
     ({"a": [{"b": {2: 1}}]}, "userdata keys must be strings, got 2"),
-    ({"a": "nul\x00"}, "userdata must not contain NUL characters"),
+    ({"a": "nul\x00"}, "userdata must not contain NUL characters (databases cannot store them)."),
+    ({"nul\x00": 1}, "userdata must not contain NUL characters"),
+    ({"a": ["\ud800"]}, "userdata must not contain lone surrogate characters (they are not valid Unicode"),
+    ({"\udfff": 1}, "userdata must not contain lone surrogate characters"),
 ])
 def test_userdata_refused(userdata, message):
     with pytest.raises(ValueError) as info:
         task_with_callable(jobs.job, userdata=userdata)
     assert message in str(info.value)
+
+
+JSON_LEAVES = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.text()
+               # PostgreSQL's jsonb keeps numbers as decimals: a float such as 7.2e16 comes back as an int.
+               | st.floats(min_value=-1e15, max_value=1e15))
+JSON_VALUES = st.recursive(JSON_LEAVES, lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.text(), inner, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.text(), JSON_VALUES, max_size=5))
+def test_property_userdata_comes_back_equal_or_is_refused(data):
+    try:
+        task = task_with_callable(jobs.job, userdata=data)
+    except ValueError as exc:
+        assert "userdata must not contain NUL characters" in str(exc)
+        return
+    task.save()
+    assert fresh(task).userdata == data
+    task.delete()
 
 
 def test_userdata_setter_checks_too():
