@@ -127,7 +127,7 @@ class TaskAdmin(admin.ModelAdmin):
     show_full_result_count = False
     actions = ("enable_tasks", "disable_tasks", "run_tasks_now", "clear_running")
     state_fields = (
-        "next_run_display", "last_run_display", "last_status", "running", "in_flight", "lease_expires",
+        "next_run_display", "last_run_display", "last_result", "running", "in_flight", "lease_expires",
         "claimed_slot", "problem", "finished_at", "created_at", "modified_at",
     )
     readonly_fields = ("next_runs", "callable_display", *state_fields)

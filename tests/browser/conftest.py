@@ -1,0 +1,68 @@
+"""Headless Chromium from Debian's packages, driven by Selenium, for the admin browser tests.
+
+The browser is installed with apt when it is missing (never downloaded by Selenium
+or a test helper), so a fresh CI machine needs nothing set up by hand.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from selenium.webdriver.remote.webdriver import WebDriver
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
+CHROMIUM_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--window-size=1400,1000",
+)
+
+
+def install_chromium() -> None:
+    """Install Debian's chromium and chromium-driver if either binary is missing."""
+    if CHROMIUM.exists() and CHROMEDRIVER.exists():
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update"], check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(["apt-get", "install", "-y", "chromium", "chromium-driver"], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> None:
+    install_chromium()
+
+
+@pytest.fixture
+def browser(chromium: None) -> Iterator["WebDriver"]:
+    """A fresh headless Chromium with an empty profile; Selenium Manager is never consulted."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    with tempfile.TemporaryDirectory(prefix="sisy-chromium-") as profile:
+        options = webdriver.ChromeOptions()
+        options.binary_location = str(CHROMIUM)
+        for flag in CHROMIUM_FLAGS:
+            options.add_argument(flag)
+        options.add_argument(f"--user-data-dir={profile}")
+        options.set_capability("goog:loggingPrefs", {"browser": "SEVERE"})
+        driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+        try:
+            yield driver
+        finally:
+            driver.quit()
+
+
+@pytest.fixture
+def screenshot_dir() -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    return SCREENSHOTS
