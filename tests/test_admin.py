@@ -171,6 +171,26 @@ def test_changelist_queries_do_not_grow_with_rows(admin_client: Client, query: s
     assert sum("COUNT(" in sql.upper() for sql in many) <= 1
 
 
+def test_unfiltered_count_of_many_tasks_is_estimated_on_postgresql(admin_client: Client,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    bulk_tasks(30)
+    monkeypatch.setattr(sisy_admin.EstimatedCountPaginator, "exact_below", 10)
+    postgres = connection.vendor == "postgresql"
+    if postgres:
+        with connection.cursor() as cursor:
+            cursor.execute("ANALYZE sisy_celery_task")
+    with CaptureQueriesContext(connection) as captured:
+        response = admin_client.get(reverse(CHANGELIST))
+    sql = [q["sql"].upper() for q in captured.captured_queries]
+    assert response.context["cl"].result_count == 30
+    assert sum("COUNT(" in q for q in sql) == (0 if postgres else 1)
+    assert any("RELTUPLES" in q for q in sql) == postgres
+    with CaptureQueriesContext(connection) as captured:
+        response = admin_client.get(reverse(CHANGELIST) + "?enabled__exact=1")
+    assert response.context["cl"].result_count == 20  # filtered: always an exact count
+    assert sum("COUNT(" in q["sql"].upper() for q in captured.captured_queries) == 1
+
+
 def test_changelist_page_has_100_rows_with_1000_tasks(admin_client: Client) -> None:
     bulk_tasks(1000)
     with CaptureQueriesContext(connection) as captured:

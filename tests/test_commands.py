@@ -5,11 +5,12 @@ import re
 from datetime import timedelta
 from io import StringIO
 from typing import Any
+from unittest import mock
 
 import pytest
 from django.core.management import call_command, load_command_class
 from django.core.management.base import CommandError
-from django.db import connection
+from django.db import connection, connections
 from django.test.utils import CaptureQueriesContext, override_settings
 from django.utils import timezone
 from django_celery_results.models import TaskResult
@@ -51,10 +52,12 @@ def exit_status(name: str, *args: str) -> tuple[int, str]:
     command = load_command_class("sisy_celery", name)
     command.stderr._out = err = StringIO()
     command.stdout._out = StringIO()
-    try:
-        command.run_from_argv(["manage.py", name, *args])
-    except SystemExit as exc:
-        return int(exc.code), err.getvalue()
+    # run_from_argv closes every connection when it ends, the test database's one included.
+    with mock.patch.object(connections, "close_all"):
+        try:
+            command.run_from_argv(["manage.py", name, *args])
+        except SystemExit as exc:
+            return int(exc.code), err.getvalue()
     return 0, err.getvalue()
 
 
