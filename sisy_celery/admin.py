@@ -1,7 +1,7 @@
 """Django admin for sisy tasks: readable schedules, safe editing, run now, run history, beat health.
 
-The changelist reads only the task rows themselves (no per-row queries, no full-table
-count), so it stays fast with many tasks. Every view that can start a run requires
+The changelist reads only the task rows themselves (no per-row queries; a large
+unfiltered list is counted from PostgreSQL's estimate), so it stays fast with many tasks. Every view that can start a run requires
 the change permission and refuses callables outside ``SISY_ALLOWED_MODULES``.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 from django.utils.timesince import timesince, timeuntil
 from django_celery_results.models import TaskResult
+from kombu.exceptions import OperationalError as BrokerError
 
 from . import conf, schedules
 from .callables import CallableError, check_allowed
@@ -60,7 +61,7 @@ def describe_schedule(schedule: str) -> str:
         return ExpressionDescriptor(" ".join(values), _DESCRIBE_OPTIONS).get_description()
     except Exception:  # cron-descriptor rejects some forms croniter accepts
         logger.debug("cron-descriptor cannot describe %r", schedule, exc_info=True)
-        return ", ".join(f"{name} {value}" for name, value in fields.items() if value != "*") or "every minute"
+        return ", ".join(f"{name} {value}" for name, value in fields.items() if value != "*")
 
 
 def upcoming(schedule: str, zone: tzinfo, after: datetime, count: int = PREVIEW_COUNT,
@@ -119,7 +120,7 @@ class EstimatedCountPaginator(Paginator):
         if database is not None and database.vendor == "postgresql" and not queryset.query.where:
             with database.cursor() as cursor:
                 cursor.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass",
-                               [queryset.model._meta.db_table])
+                               [database.ops.quote_name(queryset.model._meta.db_table)])
                 row = cursor.fetchone()
             if row and row[0] >= self.exact_below:
                 return int(row[0])
@@ -272,20 +273,24 @@ class TaskAdmin(admin.ModelAdmin):
             logger.warning("sisy running flag of task ids %s cleared by %s in the admin", stuck, request.user)
         self.message_user(request, f"Running flag cleared on {count} task(s).", messages.SUCCESS)
 
-    def send_now(self, request: HttpRequest, task: Task) -> bool:
+    def send_now(self, request: HttpRequest, task: Task) -> None:
         """Send one run of ``task`` now and say so; refuse callables that are not allowed."""
         try:
             check_allowed(task._func_info or {})
             result = run_now(task)
         except CallableError as exc:
             self.message_user(request, f"{task} (id {task.pk}) not sent: {exc}", messages.ERROR)
-            return False
         except TaskBusy as exc:
             self.message_user(request, str(exc), messages.WARNING)
-            return False
-        logger.info("sisy task id=%s label=%r sent now by %s (id %s)", task.pk, task.label, request.user, result.id)
-        self.message_user(request, f"{task} (id {task.pk}) sent: Celery task id {result.id}.", messages.SUCCESS)
-        return True
+        except BrokerError as exc:  # run_now has handed the claim back
+            logger.warning("sisy task id=%s label=%r could not be sent now: %s", task.pk, task.label, exc)
+            self.message_user(request, f"{task} (id {task.pk}) not sent: the broker is unreachable ({exc}).",
+                              messages.ERROR)
+        else:
+            logger.info("sisy task id=%s label=%r sent now by %s (id %s)",
+                        task.pk, task.label, request.user, result.id)
+            self.message_user(request, f"{task} (id {task.pk}) sent: Celery task id {result.id}.",
+                              messages.SUCCESS)
 
     def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
         action = request.POST.get("action") if request.method == "POST" else None

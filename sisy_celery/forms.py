@@ -3,7 +3,8 @@
 Users never type ``_func_info``: they name a callable (and, for a model method, the
 instance's primary key) and the form builds the function info with
 :func:`~sisy_celery.callables.get_func_info`, so the admin accepts exactly what
-``task_with_callable`` accepts and shows the same messages.
+``task_with_callable`` accepts and shows its messages (a bad primary key is reported on
+its own field).
 """
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from django.test.utils import CaptureQueriesContext, override_settings
 from django.urls import reverse
 from django.utils import timezone
 from django_celery_results.models import TaskResult
+from kombu.exceptions import OperationalError
 
 from sisy_celery import admin as sisy_admin, schedules
 from sisy_celery.callables import CallableError, get_func_info
@@ -530,6 +531,22 @@ def test_run_now_view_confirms_then_sends(admin_client: Client) -> None:
     assert assert_published(task) == celery_id
     assert celery_id in response.content.decode()
     assert Task.objects.get(pk=task.pk).in_flight == 1
+
+
+def test_run_now_with_broker_down_is_an_error_and_hands_back_the_claim(admin_client: Client,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    task = make_task("unlucky", iterations=1)
+
+    def broker_down(*args: Any, **kwargs: Any) -> None:
+        raise OperationalError("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(celery_app.app, "send_task", broker_down)
+    response = admin_client.post(run_url(task), follow=True)
+    (message,) = list(get_messages(response.wsgi_request))
+    assert message.level_tag == "error"
+    assert str(message) == "unlucky (id %d) not sent: the broker is unreachable ([Errno 111] Connection refused)." % task.pk
+    task.refresh_from_db()
+    assert (task.in_flight, task.running, task.lease_expires) == (0, False, None)
 
 
 def test_run_now_view_unknown_task_redirects(admin_client: Client) -> None:

@@ -14,6 +14,7 @@ from django.db import connection, connections
 from django.test.utils import CaptureQueriesContext, override_settings
 from django.utils import timezone
 from django_celery_results.models import TaskResult
+from kombu.exceptions import OperationalError
 
 from sisy_celery.callables import get_func_info
 from sisy_celery.models import BeatProcess, Task, task_with_callable
@@ -151,6 +152,19 @@ def test_run_errors() -> None:
         run("sisy_run", str(busy.pk))
     assert celery_app.published() == []
     assert exit_status("sisy_run", "nope")[0] == 1
+
+
+def test_run_with_broker_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    task = make_task("unlucky")
+
+    def broker_down(*args: Any, **kwargs: Any) -> None:
+        raise OperationalError("Connection refused")
+
+    monkeypatch.setattr(celery_app.app, "send_task", broker_down)
+    with pytest.raises(CommandError, match=r"not sent: the broker is unreachable \(Connection refused\)"):
+        run("sisy_run", "unlucky")
+    task.refresh_from_db()
+    assert (task.in_flight, task.running) == (0, False)
 
 
 def test_run_refuses_callable_outside_allow_list() -> None:

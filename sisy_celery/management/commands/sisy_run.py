@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from kombu.exceptions import OperationalError as BrokerError
 
 from sisy_celery.callables import CallableError, check_allowed
 from sisy_celery.models import Task
@@ -40,4 +41,6 @@ class Command(BaseCommand):
             result = run_now(found)
         except (CallableError, TaskBusy) as exc:
             raise CommandError(f"Task {found.pk} ({found.label}) not sent: {exc}") from None
+        except BrokerError as exc:  # run_now has handed the claim back
+            raise CommandError(f"Task {found.pk} ({found.label}) not sent: the broker is unreachable ({exc}).") from None
         self.stdout.write(f"Task {found.pk} ({found.label}) sent: Celery task id {result.id}")
