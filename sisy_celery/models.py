@@ -404,6 +404,14 @@ def task_with_callable(
         if name in fields and (not isinstance(fields[name], datetime) or timezone.is_naive(fields[name])):
             raise ValueError(f"{name} must be a timezone-aware datetime.")
     task.check_text()
+    try:
+        # The fields' own validators (iterations >= 0, priority <= 255 ...): a ValueError now
+        # rather than an IntegrityError, or silently stored nonsense, at save().
+        task.clean_fields(exclude=[f.name for f in Task._meta.fields if f.name not in fields])
+    except ValidationError as exc:
+        raise ValueError(" ".join(f"{name}: {' '.join(errors)}" for name, errors in exc.message_dict.items())) from None
+    if task.end_running <= task.start_running:
+        raise ValueError("end_running must be after start_running.")
     return task
 
 

@@ -242,6 +242,8 @@ def test_zone_may_be_a_name_or_a_tzinfo():
     expected = datetime(2026, 7, 1, 13, 0, tzinfo=UTC)  # 09:00 EDT
     assert next_run("0 9 * * *", after, "America/New_York") == expected
     assert next_run("0 9 * * *", after, NY) == expected
+    kolkata = timezone(timedelta(hours=5, minutes=30))
+    assert next_run("0 9 * * *", after, kolkata) == datetime(2026, 7, 1, 3, 30, tzinfo=UTC)
 
 
 @pytest.mark.parametrize("overrides, expected_hour", [
