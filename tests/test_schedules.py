@@ -11,7 +11,6 @@ from croniter import croniter
 from django.test import override_settings
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
-from sisy_celery import schedules
 from sisy_celery.schedules import describe_fields, next_run, validate
 
 UTC = timezone.utc
