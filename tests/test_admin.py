@@ -167,7 +167,7 @@ def test_changelist_queries_do_not_grow_with_rows(admin_client: Client, query: s
     assert Task.objects.count() == 1000
     many = changelist_queries(admin_client, query)
     assert len(many) == len(few)
-    assert len(many) <= 6
+    assert len(many) <= 5  # session, user, (PostgreSQL: row estimate,) count, one page of rows
     # show_full_result_count is off: one COUNT for the paginator, never a second full-table one.
     assert sum("COUNT(" in sql.upper() for sql in many) <= 1
 
@@ -197,7 +197,7 @@ def test_changelist_page_has_100_rows_with_1000_tasks(admin_client: Client) -> N
     with CaptureQueriesContext(connection) as captured:
         response = admin_client.get(reverse(CHANGELIST))
     assert len(response.context["cl"].result_list) == 100
-    assert len(captured.captured_queries) <= 6
+    assert len(captured.captured_queries) <= 5
     assert response.content.decode().count('class="action-select"') == 100
 
 
