@@ -62,11 +62,13 @@ def run_callable(self: Any, task_pk: Any, func_info: dict[str, Any], userdata: d
     if task._func_info != func_info:
         logger.error("sisy refused a message for task id=%s label=%r: its function info %r differs from the row",
                      task.pk, task.label, func_info)
+        refuse(task)
         raise RefusedMessage(f"function info of the message differs from task {task.pk}; nothing was run")
     try:
         check_allowed(func_info)
     except CallableError as exc:
         logger.error("sisy refused task id=%s label=%r: %s", task.pk, task.label, exc)
+        refuse(task, problem=str(exc))
         raise RefusedMessage(str(exc)) from None
     slot = datetime.fromisoformat(scheduled_for) if scheduled_for else timezone.now()
     if not task.allow_overlap and task.claimed_slot is not None and task.claimed_slot != slot:
@@ -83,6 +85,18 @@ def run_callable(self: Any, task_pk: Any, func_info: dict[str, Any], userdata: d
         raise
     message = {"task": task, "userdata": task.userdata, "scheduled_for": slot}
     return func(message) if arity else func()
+
+
+def refuse(task: Task, problem: str | None = None) -> None:
+    """A refused message ran nothing: hand back the claim beat made for it (no iteration is used).
+
+    Otherwise ``in_flight`` would keep a task without overlap blocked, or one with
+    iterations out of runs, until its running lease lapsed.
+    """
+    extra: dict[str, Any] = {"last_status": "REFUSED"}
+    if problem is not None:
+        extra["problem"] = problem
+    Task.objects.filter(pk=task.pk).release_run(**extra)
 
 
 class TaskBusy(Exception):
