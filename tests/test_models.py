@@ -570,11 +570,11 @@ def test_due_queryset():
 
 def test_due_index_is_declared():
     indexes = {index.name: index.fields for index in Task._meta.indexes}
-    assert indexes["sisy_task_due_idx"] == ["enabled", "next_run"]
+    assert indexes["sisy_task_enabled_next_idx"] == ["-enabled", "next_run"]
     with connection.cursor() as cursor:
         constraints = connection.introspection.get_constraints(cursor, Task._meta.db_table)
-    assert constraints["sisy_task_due_idx"]["columns"] == ["enabled", "next_run"]
-    assert constraints["sisy_task_due_idx"]["index"] is True
+    assert constraints["sisy_task_enabled_next_idx"]["columns"] == ["enabled", "next_run"]
+    assert constraints["sisy_task_enabled_next_idx"]["index"] is True
 
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="EXPLAIN output is PostgreSQL's")
@@ -588,7 +588,7 @@ def test_due_query_uses_the_index_on_postgresql():
     with connection.cursor() as cursor:
         cursor.execute(f"ANALYZE {Task._meta.db_table}")
     plan = Task.objects.due(timezone.now()).explain()
-    assert "sisy_task_due_idx" in plan, plan
+    assert "sisy_task_enabled_next_idx" in plan, plan
 
 
 def test_migrations_are_complete():
