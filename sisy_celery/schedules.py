@@ -121,11 +121,19 @@ def next_run(schedule: str, after: datetime, tz: str | tzinfo | None = None) -> 
     """
     if not isinstance(after, datetime) or after.tzinfo is None or after.utcoffset() is None:
         raise ValueError(f"next_run needs an aware datetime for 'after', got {after!r}.")
-    cron = _parse(schedule)
+    _parse(schedule)
     zone = conf.get_zone(tz)
     # Work in UTC: two datetimes of the same tzinfo compare as naive wall times (PEP 495),
-    # so an ``after`` in the second copy of a repeated hour would look earlier than it is.
-    after = after.astimezone(_UTC)
+    # so an ``after`` in the second copy of a repeated hour would look earlier than it is
+    # (and, as a cache key, would be taken for the first copy).
+    return _next_run_utc(schedule, zone, after.astimezone(_UTC))
+
+
+@lru_cache(maxsize=4096)
+def _next_run_utc(schedule: str, zone: tzinfo, after: datetime) -> datetime:
+    """``next_run`` for an instant in UTC. Cached: the rows beat claims in one tick share ``after``
+    (its clock), so all rows of one schedule and zone cost one computation."""
+    cron = _parse(schedule)
     local = after.astimezone(zone)
     wall = local.replace(tzinfo=None, fold=0)
     candidate = cron.following(wall)
