@@ -94,11 +94,15 @@ class Scheduler(beat.Scheduler):
             # One connection for the life of beat (no per-tick reconnect); a broken one
             # raises below, is closed in _retry_later and reopened on the next tick.
             now = self.now()
-            more = self.dispatch_due(now)
+            # An idle tick is this one indexed query; the claiming transaction runs only when a row is due.
+            earliest = self.earliest_next_run()
+            due = earliest is not None and earliest <= now
+            more = due and self.dispatch_due(now)
             self.record_status(now)
             if more:
                 return 0.0
-            earliest = self.earliest_next_run()
+            if due:
+                earliest = self.earliest_next_run()
         except (DatabaseError, InterfaceError) as exc:
             return self._retry_later("database", exc)
         except BrokerError as exc:
@@ -198,11 +202,14 @@ class Scheduler(beat.Scheduler):
                 task.next_run = claim.next_run
             if claim.action != "finish":
                 changed.append(task)
-        if changed:
-            Task.objects.bulk_update(
-                changed, ["next_run", "in_flight", "running", "lease_expires", "claimed_slot", "problem"],
-                batch_size=1000,
-            )
+        # Rows due together mostly end with the same values (slot, next run, lease): one UPDATE per
+        # distinct set of values, instead of bulk_update's CASE per row (seconds for 1000 rows).
+        fields = ("next_run", "in_flight", "running", "lease_expires", "claimed_slot", "problem")
+        groups: dict[tuple, list] = {}
+        for task in changed:
+            groups.setdefault(tuple(getattr(task, name) for name in fields), []).append(task.pk)
+        for values, pks in groups.items():
+            Task.objects.filter(pk__in=pks).update(**dict(zip(fields, values)))
         finished = [c.task.pk for c in claims if c.action == "finish"]
         if finished:
             Task.objects.filter(pk__in=finished).finish()
@@ -273,11 +280,10 @@ class Scheduler(beat.Scheduler):
             return
         from .models import BeatProcess
 
-        BeatProcess.objects.update_or_create(
-            ident=self.ident,
-            defaults={"hostname": socket.gethostname(), "pid": os.getpid(),
-                      "started_at": self.started_at, "last_tick": now},
-        )
+        fields = {"hostname": socket.gethostname(), "pid": os.getpid(), "started_at": self.started_at, "last_tick": now}
+        # One UPDATE (autocommit) on every write but the first, which creates the row.
+        if not BeatProcess.objects.filter(ident=self.ident).update(**fields):
+            BeatProcess.objects.update_or_create(ident=self.ident, defaults=fields)
         self._status_written = time.monotonic()
 
     @property
