@@ -461,9 +461,10 @@ class Stack:
             args += ["-Q", queues]
         return self._start("worker", name, args, wait, env, ready=" ready.")
 
-    def beat(self, name: str = "b1", wait: bool = True, env: dict[str, str] | None = None) -> Proc:
-        """Start ``celery beat -S sisy_celery.Scheduler``; wait until the scheduler has started."""
-        args = ["beat", "-S", "sisy_celery.Scheduler", "-l", "info", "-s", str(self.workdir / f"beat-{name}")]
+    def beat(self, name: str = "b1", wait: bool = True, env: dict[str, str] | None = None,
+             scheduler: str = "sisy_celery.Scheduler") -> Proc:
+        """Start ``celery beat -S scheduler``; wait until the scheduler has started."""
+        args = ["beat", "-S", scheduler, "-l", "info", "-s", str(self.workdir / f"beat-{name}")]
         return self._start("beat", name, args, wait, env, ready="sisy beat ")
 
     def up(self, workers: int = 1, beats: int = 1, env: dict[str, str] | None = None) -> list[Proc]:
