@@ -4,6 +4,8 @@ SISY_DATABASE_URL: sqlite:///path (default: var/db.sqlite3 beside this project),
     postgres://user@host:port/name or mysql://user@host:port/name.
 CELERY_BROKER_URL: default kombu's filesystem transport under var/broker (no server);
     redis://127.0.0.1:6379/0 or amqp://guest:guest@127.0.0.1:5672// work too.
+CELERY_BROKER_VISIBILITY_TIMEOUT: seconds after which Redis redelivers an unacknowledged message
+    (with CELERY_TASK_ACKS_LATE=1, the run of a killed worker); Redis's default is one hour.
 """
 import os
 from pathlib import Path
@@ -100,6 +102,15 @@ if CELERY_BROKER_URL.startswith("filesystem"):
         "control_folder": str(BROKER_DIR / "control"),
         "store_processed": False,
         "polling_interval": 0.1,
+    }
+if CELERY_BROKER_URL.startswith(("redis://", "rediss://")) and os.environ.get("CELERY_BROKER_VISIBILITY_TIMEOUT"):
+    # Redis hands an unacknowledged message (task_acks_late, worker killed) to another worker after
+    # this many seconds, found by a sweep every second. Keep it above the longest run: a message
+    # whose run is still going is delivered again as well.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "visibility_timeout": float(os.environ["CELERY_BROKER_VISIBILITY_TIMEOUT"]),
+        "unacked_restore_interval": 1,
+        "unacked_restore_throttle": 1,
     }
 CELERY_RESULT_BACKEND = "django-db"
 CELERY_RESULT_EXTENDED = True
