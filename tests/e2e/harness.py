@@ -264,42 +264,114 @@ DATABASES: dict[str, type[Database]] = {"postgres": Postgres, "mariadb": MariaDB
 # -- brokers -------------------------------------------------------------------------------
 
 
-def broker_url(kind: str) -> str:
-    """The broker URL for ``redis`` (a free database of the local server), ``amqp`` or ``filesystem``."""
-    if kind == "redis":
+class Broker:
+    """The stack's own broker: a URL nobody else publishes to, emptied by :meth:`reset`."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.url = kind  # a full URL given as the kind is used as it is
+
+    def acquire(self) -> str:
+        return self.url
+
+    def reset(self) -> None:
+        """Drop every message and binding left by a previous test."""
+
+    def release(self) -> None:
+        self.reset()
+
+
+class RedisBroker(Broker):
+    """A database of the local Redis server claimed for this stack (a key in db 0, so that test
+    sessions running at the same time never share one) and flushed before and after it."""
+
+    #: databases the stacks may use (the benchmark uses 11)
+    candidates = (15, 14, 13, 12, 10, 9, 8)
+    claim_seconds = 4 * 3600
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.number: int | None = None
+        self.token = secrets.token_hex(8)
+
+    @staticmethod
+    def _client(number: int) -> Any:
         import redis
 
-        # A database nobody else is using; it is flushed before and after the stack.
-        for number in [*range(15, 7, -1)]:
-            client = redis.Redis(db=number, socket_timeout=5, **REDIS)
+        return redis.Redis(db=number, socket_timeout=5, **REDIS)
+
+    @staticmethod
+    def _claim_key(number: int) -> str:
+        return f"sisy-e2e:redis-db:{number}"
+
+    def acquire(self) -> str:
+        admin = self._client(0)
+        try:
+            for number in self.candidates:
+                if admin.set(self._claim_key(number), self.token, nx=True, ex=self.claim_seconds):
+                    self.number = number
+                    break
+        finally:
+            admin.close()
+        if self.number is None:
+            raise RuntimeError(f"every Redis database of {self.candidates} is claimed by another e2e session")
+        self.url = f"redis://{REDIS['host']}:{REDIS['port']}/{self.number}"
+        self.reset()
+        return self.url
+
+    def reset(self) -> None:
+        if self.number is not None:
+            client = self._client(self.number)
             try:
-                if client.dbsize() == 0:
-                    return f"redis://{REDIS['host']}:{REDIS['port']}/{number}"
+                client.flushdb()
             finally:
                 client.close()
-        raise RuntimeError("no empty Redis database among 8..15 for the e2e stack")
-    if kind == "amqp":
-        return AMQP_URL
-    if kind == "filesystem":
-        return "filesystem://"
-    return kind  # a full URL
 
-
-def reset_broker(url: str, queues: tuple[str, ...]) -> None:
-    """Empty the stack's broker: FLUSHDB its Redis database, purge the AMQP queues it uses."""
-    if url.startswith("redis://"):
-        import redis
-
-        client = redis.Redis.from_url(url, socket_timeout=5)
+    def release(self) -> None:
+        if self.number is None:
+            return
+        self.reset()
+        admin = self._client(0)
         try:
-            client.flushdb()
+            if admin.get(self._claim_key(self.number)) == self.token.encode():
+                admin.delete(self._claim_key(self.number))
         finally:
-            client.close()
-    elif url.startswith("amqp://"):
+            admin.close()
+        self.number = None
+
+
+class AmqpBroker(Broker):
+    """A virtual host of the local RabbitMQ made for this stack with ``rabbitmqctl`` and deleted
+    after it; without ``rabbitmqctl``, the default vhost with the stack's queues purged."""
+
+    def __init__(self, kind: str, queues: tuple[str, ...]) -> None:
+        super().__init__(kind)
+        self.queues = queues
+        self.vhost: str | None = None
+
+    @staticmethod
+    def _ctl(*args: str) -> bool:
+        try:
+            done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return done.returncode == 0
+
+    def acquire(self) -> str:
+        vhost = f"sisy_e2e_{secrets.token_hex(4)}"
+        if self._ctl("add_vhost", vhost) and self._ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"):
+            self.vhost = vhost
+            self.url = f"{AMQP_URL.rstrip('/')}/{vhost}"
+        else:
+            self.url = AMQP_URL
+        self.reset()
+        return self.url
+
+    def reset(self) -> None:
         from kombu import Connection
 
-        with Connection(url, connect_timeout=5) as conn:
-            for queue in queues:
+        with Connection(self.url, connect_timeout=5) as conn:
+            for queue in self.queues:
                 channel = conn.channel()
                 try:
                     channel.queue_purge(queue)
@@ -310,6 +382,25 @@ def reset_broker(url: str, queues: tuple[str, ...]) -> None:
                         channel.close()
                     except Exception:  # a channel closed by the server after a 404
                         pass
+
+    def release(self) -> None:
+        if self.vhost is not None:
+            self._ctl("delete_vhost", self.vhost)
+            self.vhost = None
+        else:
+            self.reset()
+
+
+def make_broker(kind: str, queues: tuple[str, ...]) -> Broker:
+    """``redis`` (a Redis database of its own), ``amqp`` (a vhost of its own), ``filesystem``
+    (kombu's transport in the stack's var directory) or a full broker URL."""
+    if kind == "redis":
+        return RedisBroker(kind)
+    if kind == "amqp":
+        return AmqpBroker(kind, queues)
+    if kind == "filesystem":
+        return Broker("filesystem://")
+    return Broker(kind)
 
 
 # -- the stack -----------------------------------------------------------------------------
@@ -328,6 +419,8 @@ class Stack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.db = DATABASES[db](self.workdir)
         self.broker_kind = broker
+        self._broker = make_broker(broker, self.queues)
+        #: the broker URL the processes use (set by setup())
         self.broker = ""
         self.extra_env = dict(env or {})
         self.processes: list[Proc] = []
@@ -356,8 +449,7 @@ class Stack:
         return env
 
     def setup(self) -> "Stack":
-        self.broker = broker_url(self.broker_kind)
-        reset_broker(self.broker, self.queues)
+        self.broker = self._broker.acquire()
         self.db.create()
         self._created = True
         migrate = subprocess.run(
@@ -375,7 +467,7 @@ class Stack:
         if self._created:
             self.db.drop()
         if self.broker:
-            reset_broker(self.broker, self.queues)
+            self._broker.release()
 
     def reset(self) -> None:
         """Forget the previous test: stop its processes and delete tasks, runs, accounts, results."""
@@ -386,7 +478,7 @@ class Stack:
         for table in ("sisy_celery_task", "jobs_run", "jobs_account", "django_celery_results_taskresult",
                       "sisy_celery_beatprocess"):
             self.db.query(f"DELETE FROM {table}")
-        reset_broker(self.broker, self.queues)
+        self._broker.reset()
 
     # -- code inside the project
 
