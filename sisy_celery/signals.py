@@ -110,7 +110,10 @@ class _LeaseKeeper:
                 continue
             try:
                 close_old_connections()
-                Task.objects.filter(pk__in=pks).update(lease_expires=timezone.now() + timedelta(seconds=timeout))
+                # Only rows still in flight: a run that ended after ``pks`` was read has already
+                # cleared its lease, and renewing it would leave a settled task with a lease.
+                Task.objects.filter(pk__in=pks, in_flight__gt=0).update(
+                    lease_expires=timezone.now() + timedelta(seconds=timeout))
             except Exception:  # a database outage must not kill the lease thread
                 logger.exception("sisy could not renew running leases of tasks %s", pks)
 
