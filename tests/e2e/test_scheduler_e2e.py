@@ -75,6 +75,35 @@ def test_every_second_task_runs_once_per_second(stack: Stack) -> None:
     assert not late, "each run starts on time, to the second"
 
 
+def test_slots_fire_on_time_not_on_the_heartbeat(stack: Stack) -> None:
+    pk = create(stack, "task = task_with_callable(jobs.record, label='every 2 s', schedule='* * * * * */2')\n"
+                       "task.save()")
+    _, beat = stack.up(env={"SISY_HEARTBEAT_FREQUENCY": "30"})
+    started = now()
+
+    wait_for(lambda: len([r for r in stack.runs(pk) if r.slot > started]) >= 3, 15, "three runs")
+
+    runs = [run for run in stack.runs(pk) if run.slot > started]
+    assert not gaps([run.slot for run in runs], 2 * SECOND)
+    late = [(run.slot, run.started) for run in runs if run.started - run.slot >= SECOND]
+    assert not late, "with a 30 s heartbeat, each slot still fires on time"
+    assert "heartbeat 30s" in beat.text()
+
+
+def test_first_run_right_away_without_waiting_for_the_schedule(stack: Stack) -> None:
+    stack.up()
+    created = now()
+    pk = create(stack, "task = task_with_callable(jobs.record, label='yearly', schedule='0 0 1 1 *', "
+                       "wait_for_schedule=False)\ntask.save()")
+
+    runs = wait_for(lambda: stack.runs(pk), 10, "the first run")
+    row = wait_for(lambda: settled(stack, pk), 10, "the run to finish")
+
+    assert len(runs) == 1 and runs[0].started - created < 3 * SECOND
+    assert row["next_run"].year == created.year + 1 and (row["next_run"].month, row["next_run"].day) == (1, 1)
+    assert row["enabled"], "a task that runs forever is not finished by its first run"
+
+
 def test_run_iterations_runs_exactly_n_times_then_is_removed(stack: Stack) -> None:
     stack.up()
     pk = create(stack, "task = Task.run_iterations(jobs.record, iterations=3, label='three times')")
@@ -196,6 +225,30 @@ def test_model_instance_method_runs_against_its_row(stack: Stack) -> None:
     balances = {row["id"]: row["balance"] for row in stack.query("SELECT id, balance FROM jobs_account")}
     assert balances == {acme: 20, other: 0}
     assert len(stack.runs(pk)) == 2
+
+
+def test_userdata_saved_while_running_reaches_the_next_runs(stack: Stack) -> None:
+    stack.up()
+    acme, pk = stack.run("""
+        acme = Account.objects.create(name='ACME')
+        task = task_with_callable(acme.accrue_interest, label='interest', schedule='* * * * * *',
+                                  userdata={'amount': 1})
+        task.save()
+        result = [acme.pk, task.pk]
+    """)
+    wait_for(lambda: len(stack.runs(pk)) >= 2, 10, "two runs with amount 1")
+
+    stack.run("task = Task.objects.get(pk=params['pk'])\ntask.userdata['amount'] = 100\ntask.save()", pk=pk)
+    saved = now()
+    wait_for(lambda: len([r for r in stack.runs(pk) if r.started > saved]) >= 2, 10, "two runs after the edit")
+    edit(stack, pk, enabled=False)
+    wait_for(lambda: settled(stack, pk), 10, "the last run to finish")
+
+    runs = len(stack.runs(pk))
+    balance = stack.query("SELECT balance FROM jobs_account WHERE id = %s", (acme,))[0]["balance"]
+    big, rest = divmod(balance - runs, 99)  # each run added 1 or 100
+    assert rest == 0 and 2 <= big <= runs - 2, f"balance {balance} after {runs} runs"
+    assert stack.run("result = Task.objects.get(pk=params['pk']).userdata", pk=pk) == {"amount": 100}
 
 
 def test_schedule_edited_while_beat_runs_takes_effect_within_a_heartbeat(stack: Stack) -> None:
