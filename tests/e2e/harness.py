@@ -129,6 +129,16 @@ class Proc:
         return "\n".join(self.text().splitlines()[-lines:])
 
 
+def _die_with_parent() -> None:
+    """In a child before exec: on Linux, be killed when the test process dies, even by ``kill -9``
+    (teardown kills the processes otherwise; this covers a test session that is itself killed)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 # -- databases -----------------------------------------------------------------------------
 
 
@@ -491,6 +501,7 @@ class Stack:
             self._driver = subprocess.Popen(
                 [sys.executable, str(DRIVER)], cwd=self.workdir, env=self.env(), text=True,
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
             log.close()
         assert self._driver.stdin is not None and self._driver.stdout is not None
@@ -526,6 +537,7 @@ class Stack:
             popen = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "proj", *args], cwd=self.workdir,
                 env=self.env(**(env or {})), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         proc = Proc(kind, name, args, log, popen, ready)
         self.processes.append(proc)
