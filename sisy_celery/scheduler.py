@@ -13,21 +13,27 @@ any number of beat processes can run at once:
   ``next_run`` value that was read, so only one beat can win it.
 
 A claim is committed before its message is published; if publishing fails the
-claim is handed back, so a slot is never sent twice and is not lost.
+claim is handed back, so a slot is never sent twice and is not lost. Until its
+message goes out, a claim's lease holds a mark instead of an expiry (an instant in
+1970, see ``UNPUBLISHED_BEFORE``), swapped for the real lease just before
+publishing: a claim whose beat was killed before publishing it still carries the
+mark, and is handed back by the next beat that starts or that finds the task due.
 """
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone as dt_timezone
 from typing import Any
 
 from celery import beat
 from django.db import DatabaseError, InterfaceError, connection, transaction
-from django.db.models import F, Value
+from django.db.models import Case, F, PositiveIntegerField, Value, When
+from django.db.models.functions import Greatest, Least
 from django.utils import timezone
 
 from . import conf
@@ -35,6 +41,21 @@ from . import conf
 logger = logging.getLogger("sisy_celery.beat")
 
 MAX_BACKOFF = 30.0
+
+#: Leases before this instant are not expiries but the marks of claims whose message has not been
+#: published yet (a real lease ends ``SISY_RUNNING_TIMEOUT`` after its claim).
+UNPUBLISHED_BEFORE = datetime(1971, 1, 1, tzinfo=dt_timezone.utc)
+_MARKS = int((UNPUBLISHED_BEFORE - datetime(1970, 1, 1, tzinfo=dt_timezone.utc)) / timedelta(microseconds=1))
+
+
+def unpublished_mark() -> datetime:
+    """A fresh mark for the claims of one batch: a random instant of 1970, so that a claim taken
+    over from a dead beat never carries the mark that beat would swap."""
+    return UNPUBLISHED_BEFORE - timedelta(microseconds=1 + secrets.randbelow(_MARKS - 1))
+
+
+def is_unpublished(lease: datetime | None) -> bool:
+    return lease is not None and lease < UNPUBLISHED_BEFORE
 
 
 def _setup_django() -> None:
@@ -56,6 +77,12 @@ class Claim:
     next_run: datetime | None = None
     reset_lease: bool = False
     problem: str = ""
+    #: the row held a claim whose message was never published (its beat died): this claim replaces it
+    unpublished: bool = False
+    #: for "send": the mark written with the claim, and the lease it is swapped for before publishing
+    mark: datetime | None = None
+    lease: datetime | None = None
+    swapped: bool = False
 
 
 class Scheduler(beat.Scheduler):
@@ -63,12 +90,18 @@ class Scheduler(beat.Scheduler):
 
     #: Seconds between two writes of this process's health record (``sisy_status``).
     status_every = 10.0
+    #: Most claims whose marks are swapped for leases in one commit before they are published:
+    #: a beat killed while publishing loses at most the rest of one group (groups start at one
+    #: claim and double, so a small tick loses at most one slot; a commit per message would
+    #: make a burst several times slower).
+    publish_group = 32
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         _setup_django()
         self._backoff = 0.0
         self._status_written = 0.0
         self.ident = f"{socket.gethostname()}:{os.getpid()}"
+        self._recovered = False
         self.started_at = timezone.now()
         super().__init__(*args, **kwargs)
 
@@ -94,6 +127,9 @@ class Scheduler(beat.Scheduler):
             # One connection for the life of beat (no per-tick reconnect); a broken one
             # raises below, is closed in _retry_later and reopened on the next tick.
             now = self.now()
+            if not self._recovered:
+                self.recover_unpublished(now)
+                self._recovered = True
             # An idle tick is this one indexed query; the claiming transaction runs only when a row is due.
             earliest = self.earliest_next_run()
             due = earliest is not None and earliest <= now
@@ -119,6 +155,8 @@ class Scheduler(beat.Scheduler):
         logger.warning("sisy beat %s: %s unavailable (%s: %s); retrying in %.1fs",
                        self.ident, what, type(exc).__name__, exc, self._backoff)
         if what == "database":
+            # Claims of this beat may be left unpublished: look for them again once it reconnects.
+            self._recovered = False
             try:
                 connection.close()
             except Exception:  # the connection is already broken; a new one is opened next tick
@@ -137,13 +175,40 @@ class Scheduler(beat.Scheduler):
         limit = conf.beat_batch_size()
         claims, examined = self.claim_due(now, limit)
         sent = [c for c in claims if c.action == "send"]
-        for index, claim in enumerate(sent):
-            try:
-                self.apply_claim(claim)
-            except Exception as exc:
-                self.hand_back(sent[index:])
-                raise BrokerError(str(exc)) from exc
+        start, size = 0, 1
+        while start < len(sent):
+            group = sent[start:start + size]
+            # A database error here leaves the claims marked: handed back once it is back.
+            self.swap_marks(group)
+            for index, claim in enumerate(group):
+                if not claim.swapped:
+                    logger.warning("sisy task id=%s label=%r: slot %s was handed back by another beat before it "
+                                   "was published here; not sent", claim.task.pk, claim.task.label,
+                                   claim.slot.isoformat())
+                    continue
+                try:
+                    self.apply_claim(claim)
+                except Exception as exc:
+                    self.hand_back([c for c in group[index:] if c.swapped] + sent[start + size:])
+                    raise BrokerError(str(exc)) from exc
+            start, size = start + size, min(size * 2, self.publish_group)
         return examined >= limit
+
+    def swap_marks(self, claims: list[Claim]) -> None:
+        """Replace the unpublished marks of ``claims`` by their leases in one commit; a claim whose mark
+        is gone (a beat took this one for dead and handed it back) is left ``swapped = False``."""
+        from .models import Task
+
+        if not claims:
+            return
+        pks = [claim.task.pk for claim in claims]
+        mark, lease = claims[0].mark, claims[0].lease
+        with transaction.atomic():
+            Task.objects.filter(pk__in=pks, lease_expires=mark).update(lease_expires=lease)
+            # Rows this transaction just wrote are locked until it commits: a lease equal to ours is our swap.
+            mine = set(Task.objects.filter(pk__in=pks, lease_expires=lease).values_list("pk", flat=True))
+        for claim in claims:
+            claim.swapped = claim.task.pk in mine
 
     def claim_due(self, now: datetime, limit: int) -> tuple[list[Claim], int]:
         """Take the due slots of up to ``limit`` rows atomically; return the claims and rows read."""
@@ -156,6 +221,12 @@ class Scheduler(beat.Scheduler):
             if locking:
                 rows = rows.select_for_update(skip_locked=True)
             claims = [self.plan(task, now) for task in rows[:limit]]
+            mark = unpublished_mark()
+            while any(claim.task.lease_expires == mark for claim in claims):
+                mark = unpublished_mark()
+            for claim in claims:
+                if claim.action == "send":
+                    claim.mark, claim.lease = mark, lease
             if locking:
                 self._write_locked(claims, lease)
             else:
@@ -168,21 +239,27 @@ class Scheduler(beat.Scheduler):
         """Decide what to do with one due row, from the row alone (no queries)."""
         slot = task.next_run
         in_flight = task.in_flight
-        reset = bool(in_flight and task.lease_expires is not None and task.lease_expires < now)
+        # A claim still marked unpublished while its task is due again: its beat died before
+        # publishing it (a live beat publishes within the tick). Its slot is the one sent now.
+        unpublished = bool(in_flight and is_unpublished(task.lease_expires) and task.claimed_slot is not None)
+        if unpublished:
+            in_flight -= 1
+            slot = min(slot, task.claimed_slot)
+        reset = bool(in_flight and not unpublished and task.lease_expires is not None and task.lease_expires < now)
         if reset:
             in_flight = 0
         if slot > task.end_running:
             if in_flight == 0:
-                return Claim(task, slot, "finish", reset_lease=reset)
+                return Claim(task, slot, "finish", reset_lease=reset, unpublished=unpublished)
         try:
-            # Missed slots are coalesced: the next run is the first slot after now.
-            following = task.following_run(max(now, slot))
+            # Missed slots are coalesced: the next run is the first slot after now. A slot taken
+            # over from a dead beat leaves next_run as it is: the slot due now goes out next tick.
+            following = task.next_run if slot < task.next_run else task.following_run(max(now, slot))
         except ValueError as exc:
-            return Claim(task, slot, "broken", problem=str(exc))
+            return Claim(task, slot, "broken", problem=str(exc), unpublished=unpublished)
         busy = (not task.allow_overlap and in_flight > 0) or (task.iterations and in_flight >= task.iterations)
-        if slot > task.end_running or busy:
-            return Claim(task, slot, "skip", next_run=following, reset_lease=reset)
-        return Claim(task, slot, "send", next_run=following, reset_lease=reset)
+        action = "skip" if slot > task.end_running or busy else "send"
+        return Claim(task, slot, action, next_run=following, reset_lease=reset, unpublished=unpublished)
 
     def _write_locked(self, claims: list[Claim], lease: datetime) -> None:
         """Rows are locked by this transaction: write computed values in one statement."""
@@ -193,9 +270,12 @@ class Scheduler(beat.Scheduler):
             task = claim.task
             if claim.reset_lease:
                 task.in_flight, task.running, task.lease_expires = 0, False, None
+            if claim.unpublished:
+                task.in_flight -= 1
+                task.running, task.lease_expires = task.in_flight > 0, lease if task.in_flight else None
             if claim.action == "send":
                 task.in_flight += 1
-                task.running, task.lease_expires, task.claimed_slot = True, lease, claim.slot
+                task.running, task.lease_expires, task.claimed_slot = True, claim.mark, claim.slot
             if claim.action == "broken":
                 task.next_run, task.problem = FAR_FUTURE, claim.problem
             elif claim.next_run is not None:
@@ -220,13 +300,18 @@ class Scheduler(beat.Scheduler):
 
         won = []
         for claim in claims:
-            rows = Task.objects.filter(pk=claim.task.pk, next_run=claim.slot)
+            task = claim.task
+            rows = Task.objects.filter(pk=task.pk, next_run=task.next_run)
             changes: dict[str, Any] = {}
             if claim.reset_lease:
                 changes.update(in_flight=Value(0), running=False, lease_expires=None)
+            if claim.unpublished:
+                rows = rows.filter(lease_expires=task.lease_expires)
+                if claim.action != "send":
+                    changes.update(_released(lease))
             if claim.action == "send":
-                changes.update(in_flight=(Value(1) if claim.reset_lease else F("in_flight") + 1),
-                               running=True, lease_expires=lease, claimed_slot=claim.slot)
+                in_flight = Value(1) if claim.reset_lease else F("in_flight") + (0 if claim.unpublished else 1)
+                changes.update(in_flight=in_flight, running=True, lease_expires=claim.mark, claimed_slot=claim.slot)
             if claim.action == "broken":
                 changes.update(next_run=FAR_FUTURE, problem=claim.problem)
             elif claim.next_run is not None:
@@ -244,14 +329,40 @@ class Scheduler(beat.Scheduler):
         from .models import Task
 
         for claim in claims:
-            Task.objects.filter(pk=claim.task.pk, next_run=claim.next_run).release_run(next_run=claim.slot)
+            rows = Task.objects.filter(pk=claim.task.pk, next_run=claim.next_run)
+            if not claim.swapped:  # still this beat's claim only while it carries the mark
+                rows = rows.filter(lease_expires=claim.mark)
+            rows.update(next_run=claim.slot, **_released(claim.lease))
         logger.warning("sisy beat %s: handed back %d unsent slot(s) for the next attempt", self.ident, len(claims))
+
+    def recover_unpublished(self, now: datetime) -> int:
+        """Hand back claims that carry an unpublished mark: their beat was killed (or lost the
+        database) between claiming and publishing. Run when this beat starts or reconnects.
+
+        Each is taken back only while it still carries its mark, so a claim that a live beat
+        is publishing right now is either published by it or handed back here, never both.
+        """
+        from .models import Task
+
+        lease = now + timedelta(seconds=conf.running_timeout())
+        marked = Task.objects.filter(in_flight__gt=0, lease_expires__lt=UNPUBLISHED_BEFORE, claimed_slot__isnull=False)
+        count = 0
+        for pk, label, slot, mark in marked.values_list("pk", "label", "claimed_slot", "lease_expires"):
+            if Task.objects.filter(pk=pk, lease_expires=mark).update(next_run=Least(F("next_run"), Value(slot)),
+                                                                      **_released(lease)):
+                count += 1
+                logger.warning("sisy task id=%s label=%r: slot %s was claimed but never published (its beat "
+                               "stopped mid-dispatch); handed back, it is sent now", pk, label, slot.isoformat())
+        return count
 
     def log_claim(self, claim: Claim) -> None:
         task = claim.task
         if claim.reset_lease:
             logger.warning("sisy task id=%s label=%r: running lease lapsed (worker lost?); claim reclaimed",
                            task.pk, task.label)
+        if claim.unpublished:
+            logger.warning("sisy task id=%s label=%r: slot %s was claimed but never published (its beat "
+                           "stopped mid-dispatch); claim taken over", task.pk, task.label, claim.slot.isoformat())
         if claim.action == "skip":
             logger.info("sisy task id=%s label=%r: slot %s skipped, a run is still going (next %s)",
                         task.pk, task.label, claim.slot.isoformat(), claim.next_run.isoformat())
@@ -298,6 +409,16 @@ class Scheduler(beat.Scheduler):
         return (f"database {connection.vendor} {settings_dict.get('NAME')!s} "
                 f"({settings_dict.get('HOST') or 'local'}), {count} enabled task(s), "
                 f"heartbeat {conf.heartbeat_frequency():g}s, zone {conf.timezone_name()}")
+
+
+def _released(lease: datetime) -> dict[str, Any]:
+    """UPDATE values that give back one claim of a row (``release_run`` with a fresh lease for the
+    runs still in flight, since the row's lease may be a claim's unpublished mark)."""
+    return {
+        "running": Case(When(in_flight__gt=1, then=Value(True)), default=Value(False)),
+        "lease_expires": Case(When(in_flight__gt=1, then=Value(lease)), default=Value(None)),
+        "in_flight": Greatest(F("in_flight") - 1, Value(0), output_field=PositiveIntegerField()),
+    }
 
 
 class BrokerError(Exception):

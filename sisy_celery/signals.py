@@ -20,6 +20,7 @@ from django.utils import timezone
 
 from . import conf
 from .models import FAR_FUTURE, Task
+from .scheduler import UNPUBLISHED_BEFORE
 
 logger = logging.getLogger("sisy_celery.worker")
 
@@ -30,8 +31,15 @@ def run_started(request: Any, task: Task) -> None:
     """Record the start of an accepted run and keep its lease alive while it runs."""
     now = timezone.now()
     request.sisy_run = {"pk": task.pk, "iterations": task.iterations, "end_running": task.end_running}
-    Task.objects.filter(pk=task.pk).update(last_run=now, lease_expires=now + timedelta(seconds=conf.running_timeout()))
+    lease = now + timedelta(seconds=conf.running_timeout())
+    Task.objects.filter(pk=task.pk).update(last_run=now, lease_expires=_renewed(lease))
     _leases.add(task.pk)
+
+
+def _renewed(lease: Any) -> Case:
+    """A new lease, unless the row's lease is the mark of a claim beat has not published yet
+    (overlap allowed: another slot of the task is being sent), which beat swaps itself."""
+    return Case(When(lease_expires__lt=UNPUBLISHED_BEFORE, then=F("lease_expires")), default=Value(lease))
 
 
 def _release(pk: Any, status: str, count_run: bool, limited: bool = True, ends: bool = True) -> None:
@@ -113,7 +121,7 @@ class _LeaseKeeper:
                 # Only rows still in flight: a run that ended after ``pks`` was read has already
                 # cleared its lease, and renewing it would leave a settled task with a lease.
                 Task.objects.filter(pk__in=pks, in_flight__gt=0).update(
-                    lease_expires=timezone.now() + timedelta(seconds=timeout))
+                    lease_expires=_renewed(timezone.now() + timedelta(seconds=timeout)))
             except Exception:  # a database outage must not kill the lease thread
                 logger.exception("sisy could not renew running leases of tasks %s", pks)
 

@@ -6,13 +6,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery, current_app, shared_task
-from django.db.models import F, Q
+from django.db.models import Case, F, Q, Value, When
 from celery.result import AsyncResult
 from django.utils import timezone
 
 from . import conf
 from .callables import CallableError, call_arity, check_allowed, resolve
 from .models import Task
+from .scheduler import UNPUBLISHED_BEFORE
 from .signals import run_started
 
 logger = logging.getLogger("sisy_celery.worker")
@@ -108,11 +109,16 @@ def run_now(task: Task, app: Celery | None = None) -> AsyncResult:
     now = timezone.now()
     rows = Task.objects.filter(pk=task.pk)
     if not task.allow_overlap:
-        rows = rows.filter(Q(in_flight=0) | Q(lease_expires__lt=now))
+        # A lease before UNPUBLISHED_BEFORE is not lapsed: it marks a claim beat is about to publish.
+        rows = rows.filter(Q(in_flight=0) | Q(lease_expires__lt=now, lease_expires__gte=UNPUBLISHED_BEFORE))
     if task.iterations:
         rows = rows.filter(Q(iterations=0) | Q(in_flight__lt=F("iterations")))
     lease = now + timedelta(seconds=conf.running_timeout())
-    if not rows.update(in_flight=F("in_flight") + 1, running=True, lease_expires=lease, claimed_slot=now):
+    # With overlap allowed, beat may be publishing another slot: leave its mark and claimed slot to it.
+    pending = Q(lease_expires__lt=UNPUBLISHED_BEFORE)
+    if not rows.update(in_flight=F("in_flight") + 1, running=True,
+                       lease_expires=Case(When(pending, then=F("lease_expires")), default=Value(lease)),
+                       claimed_slot=Case(When(pending, then=F("claimed_slot")), default=Value(now))):
         raise TaskBusy(f"Task {task.pk} ({task.label}) is already running or has no iterations left; not sent.")
     try:
         return send(task, now, app=app)
