@@ -8,6 +8,7 @@ from typing import Any
 from celery import Celery, current_app, shared_task
 from django.db.models import Case, F, Q, Value, When
 from celery.result import AsyncResult
+from django.core.exceptions import ValidationError
 from django.utils import timezone
 
 from . import conf
@@ -56,22 +57,35 @@ def send(task: Task, scheduled_for: datetime, app: Celery | None = None, produce
 def run_callable(self: Any, task_pk: Any, func_info: dict[str, Any], userdata: dict[str, Any],
                  scheduled_for: str | None = None) -> Any:
     """Run the callable of Task ``task_pk`` with ``message`` = {task, userdata, scheduled_for}."""
-    task = Task.objects.filter(pk=task_pk).first()
+    try:
+        task = Task.objects.filter(pk=task_pk).first()
+    except (TypeError, ValueError, ValidationError):
+        logger.error("sisy refused a message naming task %r: not a task id; nothing was run", task_pk)
+        raise RefusedMessage(f"{task_pk!r} is not a task id; nothing was run") from None
     if task is None:
         logger.warning("sisy task %s no longer exists; run for %s dropped", task_pk, scheduled_for)
         return None
+    try:
+        slot = datetime.fromisoformat(scheduled_for) if scheduled_for else timezone.now()
+        if timezone.is_naive(slot):
+            raise ValueError("naive")
+    except (TypeError, ValueError):
+        logger.error("sisy refused a message for task id=%s label=%r: its slot %r is not an aware ISO datetime",
+                     task.pk, task.label, scheduled_for)
+        raise RefusedMessage(f"slot {scheduled_for!r} is not an aware ISO datetime; nothing was run") from None
     if task._func_info != func_info:
         logger.error("sisy refused a message for task id=%s label=%r: its function info %r differs from the row",
                      task.pk, task.label, func_info)
-        refuse(task)
+        refuse(task, slot)
         raise RefusedMessage(f"function info of the message differs from task {task.pk}; nothing was run")
     try:
+        if not isinstance(func_info, dict):
+            raise CallableError(f"Function info {func_info!r} is not valid: recreate the task with task_with_callable.")
         check_allowed(func_info)
     except CallableError as exc:
         logger.error("sisy refused task id=%s label=%r: %s", task.pk, task.label, exc)
-        refuse(task, problem=str(exc))
+        refuse(task, slot, problem=str(exc))
         raise RefusedMessage(str(exc)) from None
-    slot = datetime.fromisoformat(scheduled_for) if scheduled_for else timezone.now()
     if not task.allow_overlap and task.claimed_slot is not None and task.claimed_slot != slot:
         logger.warning("sisy task id=%s label=%r: run for %s superseded by the claim for %s; not run",
                        task.pk, task.label, scheduled_for, task.claimed_slot.isoformat())
@@ -88,16 +102,23 @@ def run_callable(self: Any, task_pk: Any, func_info: dict[str, Any], userdata: d
     return func(message) if arity else func()
 
 
-def refuse(task: Task, problem: str | None = None) -> None:
+def refuse(task: Task, slot: datetime, problem: str | None = None) -> None:
     """A refused message ran nothing: hand back the claim beat made for it (no iteration is used).
 
     Otherwise ``in_flight`` would keep a task without overlap blocked, or one with
-    iterations out of runs, until its running lease lapsed.
+    iterations out of runs, until its running lease lapsed. Only the message of the row's
+    current claim is handed back: its slot is the claimed one and no run of that claim has
+    started. Any other (forged, or older than the claim) matches no claim and changes no
+    counter. ``problem`` flags the row itself.
     """
-    extra: dict[str, Any] = {"last_status": "REFUSED"}
+    rows = Task.objects.filter(pk=task.pk)
     if problem is not None:
-        extra["problem"] = problem
-    Task.objects.filter(pk=task.pk).release_run(**extra)
+        rows.update(problem=problem)
+    if task.in_flight and task.claimed_slot == slot and task.last_run < slot:
+        rows.filter(claimed_slot=slot, in_flight__gt=0, last_run__lt=slot).release_run(last_status="REFUSED")
+    else:
+        logger.warning("sisy task id=%s label=%r: the refused message for %s matches no claim; counters left as they are",
+                       task.pk, task.label, slot.isoformat())
 
 
 class TaskBusy(Exception):
