@@ -24,11 +24,14 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import signal
 import socket
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone as dt_timezone
-from typing import Any
+from typing import Any, Iterator
 
 from celery import beat
 from django.db import DatabaseError, InterfaceError, connection, transaction
@@ -65,6 +68,31 @@ def _setup_django() -> None:
         import django
 
         django.setup()
+
+
+@contextmanager
+def deferred_stop() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT back while slots are claimed and published.
+
+    Beat stops by raising SystemExit from its signal handler wherever the main thread
+    happens to be; between a claim's commit and its publish that would strand the
+    claim (its slot never sent, the task counted as running until its lease lapses).
+    Here a stop signal is only noted, and raised again once the batch is out, so
+    beat stops as usual right after it. (``kill -9`` cannot be held back.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread can set handlers; and only it receives the signals
+        return
+    held: list[int] = []
+    numbers = [n for n in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(n) is not None]  # None: set in C
+    previous = {number: signal.signal(number, lambda signum, frame: held.append(signum)) for number in numbers}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(held):
+            signal.raise_signal(number)
 
 
 @dataclass
@@ -133,7 +161,8 @@ class Scheduler(beat.Scheduler):
             # An idle tick is this one indexed query; the claiming transaction runs only when a row is due.
             earliest = self.earliest_next_run()
             due = earliest is not None and earliest <= now
-            more = due and self.dispatch_due(now)
+            with deferred_stop():
+                more = due and self.dispatch_due(now)
             self.record_status(now)
             if more:
                 return 0.0
