@@ -8,7 +8,9 @@ file + filesystem broker) and on MariaDB.
 from __future__ import annotations
 
 import re
+import signal
 import time
+from collections import Counter
 from datetime import timedelta
 
 import pytest
@@ -47,6 +49,13 @@ def sent_slots(stack: Stack, pk: int) -> list[str]:
     """Slots the beat logs say were published for task ``pk`` (one entry per message)."""
     pattern = re.compile(rf"sisy task id={pk} label=.* sent for slot (\S+) ")
     return [m.group(1) for proc in stack.processes if proc.kind == "beat" for m in pattern.finditer(proc.text())]
+
+
+def sent_slots_of(stack: Stack) -> list[tuple[int, str]]:
+    """(task id, slot) of every message the beat logs say was published."""
+    pattern = re.compile(r"sisy task id=(\d+) label=.* sent for slot (\S+) ")
+    return [(int(m.group(1)), m.group(2)) for proc in stack.processes if proc.kind == "beat"
+            for m in pattern.finditer(proc.text())]
 
 
 def settled(stack: Stack, pk: int) -> dict | None:
@@ -344,6 +353,41 @@ def test_beat_killed_and_restarted_catches_up_once_then_back_on_grid(stack: Stac
     before = [run.slot for run in runs if run.slot <= killed]
     assert not gaps(before, step)
     assert not duplicate_slots(runs)
+
+
+def test_beat_stopped_in_the_middle_of_a_dispatch_strands_no_claim(stack: Stack) -> None:
+    stack.worker(concurrency=4)
+    tasks = 150
+    pks = stack.run("""
+        tasks = [task_with_callable(jobs.no_arguments, label=f'burst {n}', schedule='* * * * * *')
+                 for n in range(params['tasks'])]
+        for task in tasks:
+            task.save()
+        result = [task.pk for task in tasks]
+    """, tasks=tasks)
+    beat = stack.beat()
+
+    # SIGTERM as soon as beat logs the first message of a batch: the rest are claimed, not yet sent.
+    wait_for(lambda: "sent for slot" in beat.text(), 10, "a batch to be published", interval=0.005)
+    beat.popen.send_signal(signal.SIGTERM)
+    assert beat.popen.wait(timeout=20) == 0
+    stopped = now()
+
+    def stranded() -> list[int]:
+        rows = stack.query("SELECT id FROM sisy_celery_task WHERE in_flight > 0 OR running")
+        return [row["id"] for row in rows]
+
+    wait_for(lambda: not stranded(), 15, "every claimed slot to be published and run")
+    sent = sent_slots_of(stack)
+    assert sent, "beat published a batch before it stopped"
+    assert {pk for pk, _ in sent} <= set(pks)
+    # Each claim of the last batch was published: every task ran as often as beat says it sent it.
+    runs = stack.query("SELECT periodic_task_name AS tag, COUNT(*) AS n FROM django_celery_results_taskresult "
+                       "GROUP BY periodic_task_name")
+    ran = {int(row["tag"].split(":")[1]): row["n"] for row in runs}
+    per_task = Counter(pk for pk, _ in sent)
+    assert ran == dict(per_task), "a slot was claimed but never published (or published twice)"
+    assert now() - stopped < 15 * SECOND
 
 
 def test_queue_routes_runs_to_the_worker_listening_on_it(stack: Stack) -> None:
