@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import sqlite3
@@ -50,6 +51,8 @@ SERVICES = {
 }
 
 UTC = timezone.utc
+#: the line beat logs for each message it publishes
+SENT = re.compile(r"sisy task id=(\d+) label=.* sent for slot (\S+) ")
 T = TypeVar("T")
 
 RUN_TIMES = ("slot", "started", "finished")
@@ -611,6 +614,11 @@ class Stack:
         if driver.exists() and driver.stat().st_size:
             parts.append(f"----- driver\n" + "\n".join(driver.read_text(errors="replace").splitlines()[-lines:]))
         return "\n".join(parts)
+
+    def sent(self) -> list[tuple[int, str]]:
+        """(task id, ISO slot) of every message the beat logs of this stack say was published."""
+        return [(int(m.group(1)), m.group(2)) for proc in self.processes if proc.kind == "beat"
+                for m in SENT.finditer(proc.text())]
 
     # -- reading the database
 

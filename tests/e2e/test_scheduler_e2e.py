@@ -7,7 +7,6 @@ file + filesystem broker) and on MariaDB.
 """
 from __future__ import annotations
 
-import re
 import signal
 import time
 from collections import Counter
@@ -47,15 +46,7 @@ def edit(stack: Stack, pk: int, **changes: object) -> None:
 
 def sent_slots(stack: Stack, pk: int) -> list[str]:
     """Slots the beat logs say were published for task ``pk`` (one entry per message)."""
-    pattern = re.compile(rf"sisy task id={pk} label=.* sent for slot (\S+) ")
-    return [m.group(1) for proc in stack.processes if proc.kind == "beat" for m in pattern.finditer(proc.text())]
-
-
-def sent_slots_of(stack: Stack) -> list[tuple[int, str]]:
-    """(task id, slot) of every message the beat logs say was published."""
-    pattern = re.compile(r"sisy task id=(\d+) label=.* sent for slot (\S+) ")
-    return [(int(m.group(1)), m.group(2)) for proc in stack.processes if proc.kind == "beat"
-            for m in pattern.finditer(proc.text())]
+    return [slot for task, slot in stack.sent() if task == pk]
 
 
 def settled(stack: Stack, pk: int) -> dict | None:
@@ -378,7 +369,7 @@ def test_beat_stopped_in_the_middle_of_a_dispatch_strands_no_claim(stack: Stack)
         return [row["id"] for row in rows]
 
     wait_for(lambda: not stranded(), 15, "every claimed slot to be published and run")
-    sent = sent_slots_of(stack)
+    sent = stack.sent()
     assert sent, "beat published a batch before it stopped"
     assert {pk for pk, _ in sent} <= set(pks)
     # Each claim of the last batch was published: every task ran as often as beat says it sent it.
