@@ -6,10 +6,14 @@ Every figure printed is measured by this run. Environment:
   BENCH_DCB_CAP            seconds after a slot it may take to honour an edit / publish a burst (60)
   BENCH_WORKER_MESSAGES    messages per worker throughput run (2000)
   BENCH_PG / BENCH_REDIS   server URLs (postgres://postgres@127.0.0.1:5432, redis://127.0.0.1:6379/11)
+
+The measurements are saved in bench/last-results.json; `python bench/run.py --report [FILE]` prints
+their table again.
 """
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import signal
@@ -179,8 +183,6 @@ def peak_rss_of(pid: int) -> float | None:
 
 def probe(args: list[str], db: str, timeout: float, first_timeout: float | None = None) -> dict:
     """Run probe.py; return its '@@' records by phase. Stopped (and marked) when it overruns."""
-    import json
-
     process = subprocess.Popen([PY, str(BENCH / "probe.py"), *args], cwd=EXAMPLE, env=child_env(db),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     records: dict = {}
@@ -364,17 +366,20 @@ def f(value, unit: str = "", digits: int = 2) -> str:
     return f"{value:,.{digits}f}{unit}"
 
 
-def ratio(dcb, ours) -> str:
+def ratio(dcb, ours, higher_is_better: bool = False) -> str:
+    """How many times better sisy_celery is: dcb / ours for times and costs, ours / dcb for rates."""
+    if higher_is_better:
+        dcb, ours = ours, dcb
     if dcb is None or ours is None or ours == 0:
         return "-"
     return f"{dcb / ours:,.1f}x"
 
 
-def report(results: list[dict], raw: dict, beats: list[dict], worker: dict) -> str:
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+def report(results: list[dict], raw: dict, beats: list[dict], worker: dict, meta: dict) -> str:
     lines = ["", "=" * 100, "sisy-celery scheduler benchmark vs django-celery-beat "
-             f"(machine: {os.cpu_count()} cores, PostgreSQL + Redis on localhost)",
-             f"load average at the start {LOAD_AT_START}, at the end {load}; {source_version()}", "=" * 100]
+             f"(machine: {meta['cores']} cores, PostgreSQL + Redis on localhost)",
+             f"load average at the start {meta['load_at_start']}, at the end {meta['load_at_end']}; "
+             f"{meta['version']}", "=" * 100]
     goals: list[tuple[str, bool | None, str]] = []
     for r in results:
         o, d = r["ours"], r["dcb"]
@@ -394,12 +399,12 @@ def report(results: list[dict], raw: dict, beats: list[dict], worker: dict) -> s
             d_note = (f"  (django-celery-beat stopped after {stopped['after_s']:.0f} s during {stopped['during']}, "
                       f"RSS {f(stopped['rss_mb'], ' MB', 0)})")
         lines += ["", f"N = {r['n']:,} tasks ({r['every']:,} every minute, the rest daily){d_note}",
-                  f"{'metric':44} {'sisy_celery':>16} {'django-celery-beat':>20} {'dcb / ours':>11}",
+                  f"{'metric':44} {'sisy_celery':>16} {'django-celery-beat':>20} {'ratio (+)':>11}",
                   "-" * 94]
 
-        def row(label, ov, dv, unit="", digits=2, rat=True):
-            lines.append(f"{label:44} {f(ov, unit, digits):>16} {f(dv, unit, digits):>20} "
-                         f"{(ratio(dv, ov) if rat and not isinstance(dv, str) else ''):>11}")
+        def row(label, ov, dv, unit="", digits=2, rat=True, higher_is_better=False):
+            shown = ratio(dv, ov, higher_is_better) if rat and not isinstance(dv, str) else ""
+            lines.append(f"{label:44} {f(ov, unit, digits):>16} {f(dv, unit, digits):>20} {shown:>11}")
 
         row("seed (COPY)", r["ours_seed_s"], r["dcb_seed_s"], " s", rat=False)
         row("startup: construct + first tick", os_.get("startup_s"),
@@ -428,7 +433,7 @@ def report(results: list[dict], raw: dict, beats: list[dict], worker: dict) -> s
         row("burst: lateness p99", ob.get("p99_s"),
             db.get("p99_s") if db.get("published", 0) >= 0.99 * db.get("expected", 1) else (
                 f"> {DCB_CAP:.0f} s" if db else None), " s", 3)
-        row("burst: dispatch rate", o_rate, d_rate, " /s", 0)
+        row("burst: dispatch rate", o_rate, d_rate, " /s", 0, higher_is_better=True)
         row("burst: beat CPU", ob.get("burst_cpu_s"), db.get("burst_cpu_s"), " s", 2)
         row("beat CPU per minute, steady state (*)", o_min, d_min, " s", 2)
         q = r["ours_queue"]
@@ -450,8 +455,10 @@ def report(results: list[dict], raw: dict, beats: list[dict], worker: dict) -> s
     if len(rss) > 1:
         low, high = min(rss), max(rss)
         grow = (rss[high] or 0) - (rss[low] or 0)
-        goals.append((f"peak RSS grows <= 20 MB from {low:,} to {high:,}", grow <= 20, f"+{grow:.1f} MB"))
-    lines += ["", "(*) steady state, extrapolated: CPU of the idle ticks of a 10 s window x 6, plus CPU per "
+        goals.append((f"peak RSS grows <= 20 MB from {low:,} to {high:,}", grow <= 20, f"{grow:+.1f} MB"))
+    lines += ["", "(+) how many times better sisy_celery is: django-celery-beat / sisy_celery for times and "
+              "costs, sisy_celery / django-celery-beat for rates.",
+              "(*) steady state, extrapolated: CPU of the idle ticks of a 10 s window x 6, plus CPU per "
               "published slot in the burst x slots due per minute (every-minute rows + daily rows / 1440);",
               "    more than 60 s means one core cannot keep up with the schedule."]
 
@@ -520,11 +527,20 @@ def source_version() -> str:
     return f"commit {commit}{dirty}"
 
 
-LOAD_AT_START = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+def load_now() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+RESULTS_JSON = BENCH / "last-results.json"
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--report"]:
+        saved = json.loads(Path(sys.argv[2] if len(sys.argv) > 2 else RESULTS_JSON).read_text())
+        print(report(saved["results"], saved["raw"], saved["beats"], saved["worker"], saved["meta"]))
+        return 0
     started = time.monotonic()
+    load_at_start = load_now()
     client = redis.Redis.from_url(REDIS)
     client.ping()
     with admin():
@@ -549,7 +565,11 @@ def main() -> int:
     worker = worker_bench(client)
     drop(TEMPLATE)
     client.flushdb()
-    print(report(results, raw, beats, worker))
+    meta = {"cores": os.cpu_count(), "load_at_start": load_at_start, "load_at_end": load_now(),
+            "version": source_version(), "seconds": time.monotonic() - started}
+    RESULTS_JSON.write_text(json.dumps({"results": results, "raw": raw, "beats": beats, "worker": worker,
+                                        "meta": meta}, default=str))
+    print(report(results, raw, beats, worker, meta))
     print(f"\n(benchmark took {time.monotonic() - started:.0f} s)")
     return 0
 
