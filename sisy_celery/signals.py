@@ -13,7 +13,8 @@ from collections import Counter
 from datetime import timedelta
 from typing import Any
 
-from celery.signals import task_postrun, task_revoked
+from celery import states
+from celery.signals import task_postrun, task_prerun, task_revoked
 from django.db import close_old_connections
 from django.db.models import Case, F, PositiveIntegerField, Value, When
 from django.utils import timezone
@@ -62,6 +63,29 @@ def _release(pk: Any, status: str, count_run: bool, limited: bool = True, ends: 
     rows.release_run(**extra)
     if ends and rows.filter(in_flight=0, next_run__gt=F("end_running"), end_running__lt=FAR_FUTURE).finish():
         logger.info("sisy task id=%s finished: its end_running has passed", pk)
+
+
+@task_prerun.connect
+def _on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, **kwargs: Any) -> None:
+    """Note whether a message the broker delivers again already ran to its end.
+
+    A broker redelivers a message whose acknowledgement it never got (a connection lost in a
+    broker restart, Redis's visibility timeout): if its run had finished, the task body skips it
+    (see ``run_callable``). Looked up here, before Celery stores STARTED over the earlier state;
+    a run that was interrupted (STARTED, or nothing stored) runs again, as documented.
+    """
+    if getattr(sender, "name", None) != TASK_NAME or task is None or task_id is None:
+        return
+    request = task.request
+    if not (getattr(request, "delivery_info", None) or {}).get("redelivered"):
+        return
+    try:
+        state = task.backend.get_task_meta(task_id).get("status")
+    except Exception:  # no result store, or unreachable: run it rather than lose it
+        logger.warning("sisy could not read the earlier state of redelivered message %s; it runs", task_id)
+        return
+    if state in states.READY_STATES:
+        request.sisy_finished_before = state
 
 
 @task_postrun.connect

@@ -57,6 +57,11 @@ def send(task: Task, scheduled_for: datetime, app: Celery | None = None, produce
 def run_callable(self: Any, task_pk: Any, func_info: dict[str, Any], userdata: dict[str, Any],
                  scheduled_for: str | None = None) -> Any:
     """Run the callable of Task ``task_pk`` with ``message`` = {task, userdata, scheduled_for}."""
+    finished = getattr(self.request, "sisy_finished_before", None)
+    if finished:
+        logger.warning("sisy task %s: the message for %s was delivered again after its run had finished (%s); "
+                       "not run twice", task_pk, scheduled_for, finished)
+        return None
     try:
         task = Task.objects.filter(pk=task_pk).first()
     except (TypeError, ValueError, ValidationError):
