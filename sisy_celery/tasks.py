@@ -111,17 +111,20 @@ def refuse(task: Task, slot: datetime, problem: str | None = None) -> None:
     """A refused message ran nothing: hand back the claim beat made for it (no iteration is used).
 
     Otherwise ``in_flight`` would keep a task without overlap blocked, or one with
-    iterations out of runs, until its running lease lapsed. Only the message of the row's
-    current claim is handed back: its slot is the claimed one and no run of that claim has
-    started. Any other (forged, or older than the claim) matches no claim and changes no
-    counter. ``problem`` flags the row itself.
+    iterations out of runs, until its running lease lapsed. ``problem`` flags the row itself:
+    the message repeated the row's function info, as beat sends it, and one claim is handed
+    back. A message whose function info differs from the row is handed back only if it is the
+    message of the row's current claim (its slot is the claimed one and no run of that claim
+    has started); any other (forged, or older than the claim) changes no counter.
     """
-    rows = Task.objects.filter(pk=task.pk)
+    rows = Task.objects.filter(pk=task.pk, in_flight__gt=0)
     if problem is not None:
-        rows.update(problem=problem)
-    if task.in_flight and task.claimed_slot == slot and task.last_run < slot:
-        rows.filter(claimed_slot=slot, in_flight__gt=0, last_run__lt=slot).release_run(last_status="REFUSED")
+        Task.objects.filter(pk=task.pk).update(problem=problem)
+    elif task.claimed_slot == slot and task.last_run < slot:
+        rows = rows.filter(claimed_slot=slot, last_run__lt=slot)
     else:
+        rows = rows.none()
+    if not rows.release_run(last_status="REFUSED"):
         logger.warning("sisy task id=%s label=%r: the refused message for %s matches no claim; counters left as they are",
                        task.pk, task.label, slot.isoformat())
 
