@@ -123,6 +123,8 @@ class Scheduler(beat.Scheduler):
     #: claim and double, so a small tick loses at most one slot; a commit per message would
     #: make a burst several times slower).
     publish_group = 32
+    #: Seconds to wait when due rows are locked by another beat's claim.
+    locked_pause = 0.05
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         _setup_django()
@@ -177,7 +179,12 @@ class Scheduler(beat.Scheduler):
             self._backoff = 0.0
         if earliest is None:
             return heartbeat
-        return min(heartbeat, max(0.0, (earliest - self.now()).total_seconds()))
+        wait = (earliest - self.now()).total_seconds()
+        if due and wait <= 0:
+            # Still due after our batch: another beat holds those rows for its claim; look
+            # again shortly rather than spin on the locked rows.
+            return min(heartbeat, self.locked_pause)
+        return min(heartbeat, max(0.0, wait))
 
     def _retry_later(self, what: str, exc: BaseException) -> float:
         self._backoff = min(MAX_BACKOFF, max(0.5, self._backoff * 2), conf.heartbeat_frequency() * 5)
