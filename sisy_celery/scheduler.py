@@ -439,11 +439,16 @@ class Scheduler(beat.Scheduler):
 
         settings_dict = connection.settings_dict
         try:
-            count: Any = Task.objects.filter(enabled=True).count()
+            estimate = _estimated_rows(Task)
+            if estimate >= 100_000:
+                # A large table: PostgreSQL's statistics, not a COUNT(*) that reads it all at startup.
+                tasks = f"about {estimate:,} task(s) (estimated)"
+            else:
+                tasks = f"{Task.objects.filter(enabled=True).count()} enabled task(s)"
         except DatabaseError as exc:
-            count = f"unknown ({exc})"
+            tasks = f"unknown ({exc}) enabled task(s)"
         return (f"database {connection.vendor} {settings_dict.get('NAME')!s} "
-                f"({settings_dict.get('HOST') or 'local'}), {count} enabled task(s), "
+                f"({settings_dict.get('HOST') or 'local'}), {tasks}, "
                 f"heartbeat {conf.heartbeat_frequency():g}s, zone {conf.timezone_name()}")
 
 
@@ -455,6 +460,17 @@ def _released(lease: datetime) -> dict[str, Any]:
         "lease_expires": Case(When(in_flight__gt=1, then=Value(lease)), default=Value(None)),
         "in_flight": Greatest(F("in_flight") - 1, Value(0), output_field=PositiveIntegerField()),
     }
+
+
+def _estimated_rows(model: Any) -> int:
+    """PostgreSQL's estimate of the rows of ``model``'s table (0 elsewhere, or when unknown)."""
+    if connection.vendor != "postgresql":
+        return 0
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass",
+                       [connection.ops.quote_name(model._meta.db_table)])
+        row = cursor.fetchone()
+    return max(0, int(row[0])) if row else 0
 
 
 class BrokerError(Exception):
