@@ -25,6 +25,7 @@ from .scheduler import UNPUBLISHED_BEFORE
 
 logger = logging.getLogger("sisy_celery.worker")
 
+#: The name of the one generic Celery task (defined in tasks.py, which imports this module).
 TASK_NAME = "sisy.run_callable"
 
 

@@ -15,11 +15,9 @@ from . import conf
 from .callables import CallableError, call_arity, check_allowed, resolve
 from .models import Task
 from .scheduler import UNPUBLISHED_BEFORE
-from .signals import run_started
+from .signals import TASK_NAME, run_started
 
 logger = logging.getLogger("sisy_celery.worker")
-
-TASK_NAME = "sisy.run_callable"
 
 
 class RefusedMessage(Exception):
