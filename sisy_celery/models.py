@@ -54,7 +54,7 @@ def check_userdata(value: Any) -> dict[str, Any]:
             f"pass e.g. {{'account': 42}}."
         )
     try:
-        text = json.dumps(value, allow_nan=False)
+        json.dumps(value, allow_nan=False)
     except (TypeError, ValueError, RecursionError) as exc:
         raise ValueError(
             f"userdata must be a dict of JSON-serializable data ({exc}): use only dicts with "

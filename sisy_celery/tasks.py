@@ -6,9 +6,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery, current_app, shared_task
-from django.db.models import Case, F, Q, Value, When
 from celery.result import AsyncResult
 from django.core.exceptions import ValidationError
+from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
 from . import conf
