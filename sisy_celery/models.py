@@ -105,24 +105,30 @@ def check_delay_until(value: Any, now: datetime) -> datetime:
     return value
 
 
+def released_values(lease: datetime | None = None) -> dict[str, Any]:
+    """UPDATE values that give back one claim of a row: one fewer in flight, ``running`` settled.
+
+    The runs still in flight keep the row's lease, or get ``lease`` (beat passes a fresh one
+    when the row's lease may be a claim's unpublished mark). ``running`` and ``lease_expires``
+    come before ``in_flight`` because MySQL evaluates SET clauses left to right.
+    """
+    kept = F("lease_expires") if lease is None else Value(lease)
+    return {
+        "running": Case(When(in_flight__gt=1, then=Value(True)), default=Value(False)),
+        "lease_expires": Case(When(in_flight__gt=1, then=kept), default=Value(None)),
+        "in_flight": Greatest(F("in_flight") - 1, Value(0), output_field=models.PositiveIntegerField()),
+    }
+
+
 class TaskQuerySet(models.QuerySet):
     def due(self, now: datetime) -> "TaskQuerySet":
         """Enabled tasks whose next run is at or before ``now``, earliest first (uses the index)."""
         return self.filter(enabled=True, next_run__lte=now).order_by("next_run")
 
     def release_run(self, **extra: Any) -> int:
-        """One dispatched run is over, or was never sent: one fewer in flight, ``running`` settled.
-
-        A single UPDATE, so concurrent runs never lose each other's counts. ``running``
-        and ``lease_expires`` come before ``in_flight`` because MySQL evaluates SET
-        clauses left to right.
-        """
-        return self.update(
-            running=Case(When(in_flight__gt=1, then=Value(True)), default=Value(False)),
-            lease_expires=Case(When(in_flight__gt=1, then=F("lease_expires")), default=Value(None)),
-            in_flight=Greatest(F("in_flight") - 1, Value(0), output_field=models.PositiveIntegerField()),
-            **extra,
-        )
+        """One dispatched run is over, or was never sent: a single UPDATE, so concurrent runs
+        never lose each other's counts."""
+        return self.update(**released_values(), **extra)
 
     def finish(self) -> int:
         """Finish these tasks: delete them, or disable them with SISY_KEEP_FINISHED_TASKS.

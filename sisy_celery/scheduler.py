@@ -35,8 +35,8 @@ from typing import Any, Iterator
 
 from celery import beat
 from django.db import DatabaseError, InterfaceError, connection, transaction
-from django.db.models import Case, F, PositiveIntegerField, Value, When
-from django.db.models.functions import Greatest, Least
+from django.db.models import F, Value
+from django.db.models.functions import Least
 from django.utils import timezone
 
 from . import conf
@@ -332,7 +332,7 @@ class Scheduler(beat.Scheduler):
 
     def _write_conditional(self, claims: list[Claim], lease: datetime) -> list[Claim]:
         """No row locks: each slot is won by the one UPDATE that still sees its ``next_run``."""
-        from .models import FAR_FUTURE, Task
+        from .models import FAR_FUTURE, Task, released_values
 
         won = []
         for claim in claims:
@@ -344,7 +344,7 @@ class Scheduler(beat.Scheduler):
             if claim.unpublished:
                 rows = rows.filter(lease_expires=task.lease_expires)
                 if claim.action != "send":
-                    changes.update(_released(lease))
+                    changes.update(released_values(lease))
             if claim.action == "send":
                 in_flight = Value(1) if claim.reset_lease else F("in_flight") + (0 if claim.unpublished else 1)
                 changes.update(in_flight=in_flight, running=True, lease_expires=claim.mark, claimed_slot=claim.slot)
@@ -362,13 +362,13 @@ class Scheduler(beat.Scheduler):
 
     def hand_back(self, claims: list[Claim]) -> None:
         """Publishing failed: give the slots back so they are sent once the broker returns."""
-        from .models import Task
+        from .models import Task, released_values
 
         for claim in claims:
             rows = Task.objects.filter(pk=claim.task.pk, next_run=claim.next_run)
             if not claim.swapped:  # still this beat's claim only while it carries the mark
                 rows = rows.filter(lease_expires=claim.mark)
-            rows.update(next_run=claim.slot, **_released(claim.lease))
+            rows.update(next_run=claim.slot, **released_values(claim.lease))
         logger.warning("sisy beat %s: handed back %d unsent slot(s) for the next attempt", self.ident, len(claims))
 
     def recover_unpublished(self, now: datetime) -> int:
@@ -378,14 +378,14 @@ class Scheduler(beat.Scheduler):
         Each is taken back only while it still carries its mark, so a claim that a live beat
         is publishing right now is either published by it or handed back here, never both.
         """
-        from .models import Task
+        from .models import Task, released_values
 
         lease = now + timedelta(seconds=conf.running_timeout())
         marked = Task.objects.filter(in_flight__gt=0, lease_expires__lt=UNPUBLISHED_BEFORE, claimed_slot__isnull=False)
         count = 0
         for pk, label, slot, mark in marked.values_list("pk", "label", "claimed_slot", "lease_expires"):
             if Task.objects.filter(pk=pk, lease_expires=mark).update(next_run=Least(F("next_run"), Value(slot)),
-                                                                      **_released(lease)):
+                                                                      **released_values(lease)):
                 count += 1
                 logger.warning("sisy task id=%s label=%r: slot %s was claimed but never published (its beat "
                                "stopped mid-dispatch); handed back, it is sent now", pk, label, slot.isoformat())
@@ -450,16 +450,6 @@ class Scheduler(beat.Scheduler):
         return (f"database {connection.vendor} {settings_dict.get('NAME')!s} "
                 f"({settings_dict.get('HOST') or 'local'}), {tasks}, "
                 f"heartbeat {conf.heartbeat_frequency():g}s, zone {conf.timezone_name()}")
-
-
-def _released(lease: datetime) -> dict[str, Any]:
-    """UPDATE values that give back one claim of a row (``release_run`` with a fresh lease for the
-    runs still in flight, since the row's lease may be a claim's unpublished mark)."""
-    return {
-        "running": Case(When(in_flight__gt=1, then=Value(True)), default=Value(False)),
-        "lease_expires": Case(When(in_flight__gt=1, then=Value(lease)), default=Value(None)),
-        "in_flight": Greatest(F("in_flight") - 1, Value(0), output_field=PositiveIntegerField()),
-    }
 
 
 def _estimated_rows(model: Any) -> int:
