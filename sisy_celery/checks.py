@@ -1,16 +1,33 @@
 """Django system checks for sisy-celery settings: misconfiguration fails at start, not at 3 a.m."""
 from __future__ import annotations
 
+import logging
 import math
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.core.checks import Error, Warning, register
+from django.core.checks import ERROR, Error, Warning, register, run_checks
 
 from . import conf, schedules
 
+logger = logging.getLogger("sisy_celery")
 
-@register()
+#: The tag of every sisy check: beat and workers run these at start.
+TAG = "sisy_celery"
+
+
+def refuse_to_start(process: str) -> None:
+    """Run sisy's system checks in a starting beat or worker; exit non-zero with the message of each
+    error, so a global misconfiguration stops the process instead of being blamed on task rows."""
+    errors = [m for m in run_checks(tags=[TAG]) if m.level >= ERROR]
+    for message in errors:
+        logger.error("sisy %s cannot start: %s", process, message)
+    if errors:
+        raise SystemExit(f"sisy {process} cannot start:\n" + "\n".join(str(m) for m in errors))
+
+
+@register(TAG)
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
     errors: list[Any] = []
     try:
@@ -50,8 +67,11 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
         ("SISY_HEARTBEAT_FREQUENCY", conf.DEFAULT_HEARTBEAT_FREQUENCY),
         ("SISY_RUNNING_TIMEOUT", conf.DEFAULT_RUNNING_TIMEOUT),
         ("SISY_BEAT_BATCH_SIZE", conf.DEFAULT_BEAT_BATCH_SIZE),
+        ("SISY_RUN_RETENTION", conf.DEFAULT_RUN_RETENTION),
     ):
         value = getattr(settings, name, default)
+        if isinstance(value, timedelta) and name == "SISY_RUN_RETENTION":
+            value = value.total_seconds()
         # NaN and infinity pass "> 0" but would make beat sleep forever or never; a batch
         # size is read with int(), so 0.5 would become 0 and beat would claim no rows.
         whole = name == "SISY_BEAT_BATCH_SIZE"
@@ -61,7 +81,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
                 f"{name} must be a {'whole ' if whole else ''}number greater than 0, got {value!r}.",
                 hint=f"Remove it to use the default ({default}) or set a positive number.",
                 id={"SISY_HEARTBEAT_FREQUENCY": "sisy_celery.E004", "SISY_RUNNING_TIMEOUT": "sisy_celery.E005",
-                    "SISY_BEAT_BATCH_SIZE": "sisy_celery.E006"}[name],
+                    "SISY_BEAT_BATCH_SIZE": "sisy_celery.E006", "SISY_RUN_RETENTION": "sisy_celery.E008"}[name],
             ))
     if not settings.USE_TZ:
         errors.append(Error(

@@ -14,6 +14,7 @@ DEFAULT_SCHEDULE = "* * * * *"
 DEFAULT_HEARTBEAT_FREQUENCY = 60.0
 DEFAULT_RUNNING_TIMEOUT = 300.0
 DEFAULT_BEAT_BATCH_SIZE = 1000
+DEFAULT_RUN_RETENTION = 7 * 24 * 3600.0
 
 
 def default_schedule() -> str:
@@ -34,6 +35,12 @@ def running_timeout() -> float:
 def keep_finished_tasks() -> bool:
     """``SISY_KEEP_FINISHED_TASKS``: disable finished tasks instead of deleting them."""
     return bool(getattr(settings, "SISY_KEEP_FINISHED_TASKS", False))
+
+
+def run_retention() -> float:
+    """``SISY_RUN_RETENTION``: seconds settled runs stay in the ledger (a timedelta is accepted)."""
+    value = getattr(settings, "SISY_RUN_RETENTION", DEFAULT_RUN_RETENTION)
+    return value.total_seconds() if hasattr(value, "total_seconds") else float(value)
 
 
 def allowed_modules() -> list[str] | None:

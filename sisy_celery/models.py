@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import json
+import re
+import uuid
 from datetime import datetime, timedelta, timezone as dt_timezone
 from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator
 from django.db import models
-from django.db.models import Case, F, Value, When
-from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from . import conf, schedules
@@ -18,8 +18,8 @@ from .callables import get_func_info
 HAS_NOT_RUN = datetime(1970, 1, 1, 0, 0, tzinfo=dt_timezone.utc)
 FAR_FUTURE = datetime(2217, 12, 31, 23, 59, tzinfo=dt_timezone.utc)
 
-# Fields whose change means the next run must be computed again.
-_SCHEDULING_FIELDS = ("schedule", "timezone", "start_running", "wait_for_schedule", "enabled")
+# Fields whose change means the next run must be computed again (a queue the broker refused parks the task).
+_SCHEDULING_FIELDS = ("schedule", "timezone", "start_running", "wait_for_schedule", "enabled", "queue")
 
 
 def __getattr__(name: str) -> Any:
@@ -105,30 +105,38 @@ def check_delay_until(value: Any, now: datetime) -> datetime:
     return value
 
 
-def released_values(lease: datetime | None = None) -> dict[str, Any]:
-    """UPDATE values that give back one claim of a row: one fewer in flight, ``running`` settled.
+def validate_queue(value: str) -> None:
+    """A queue name both Redis and AMQP brokers accept, refused when the task is created rather than
+    when beat publishes (a refused publish parks the task)."""
+    problem = queue_problem(value)
+    if problem:
+        raise ValidationError(problem, code="invalid_queue")
 
-    The runs still in flight keep the row's lease, or get ``lease`` (beat passes a fresh one
-    when the row's lease may be a claim's unpublished mark). ``running`` and ``lease_expires``
-    come before ``in_flight`` because MySQL evaluates SET clauses left to right.
-    """
-    kept = F("lease_expires") if lease is None else Value(lease)
-    return {
-        "running": Case(When(in_flight__gt=1, then=Value(True)), default=Value(False)),
-        "lease_expires": Case(When(in_flight__gt=1, then=kept), default=Value(None)),
-        "in_flight": Greatest(F("in_flight") - 1, Value(0), output_field=models.PositiveIntegerField()),
-    }
+
+#: Redis keys kombu's Redis transport keeps for itself: a queue of that name would clash with them.
+_KOMBU_KEYS = ("unacked", "unacked_index", "unacked_mutex")
+
+
+def queue_problem(value: str) -> str:
+    """Why ``value`` cannot be a queue name on Redis and AMQP brokers, or '' if it can."""
+    if not value:
+        return ""
+    if len(value.encode("utf-8")) > 200:
+        return "Queue names are at most 200 bytes (AMQP brokers refuse names over 255)."
+    if value.startswith("amq."):
+        return f"Queue {value!r}: names starting with 'amq.' are reserved by AMQP brokers; choose another name."
+    if value.startswith("_kombu") or value in _KOMBU_KEYS:
+        return f"Queue {value!r} clashes with the keys kombu keeps in Redis; choose another name."
+    if not re.fullmatch(r"[A-Za-z0-9_.:@-]+", value):
+        return (f"Queue {value!r}: use only letters, digits and . _ : @ - (no spaces or other characters), "
+                f"e.g. 'reports' or 'billing.high'.")
+    return ""
 
 
 class TaskQuerySet(models.QuerySet):
     def due(self, now: datetime) -> "TaskQuerySet":
         """Enabled tasks whose next run is at or before ``now``, earliest first (uses the index)."""
         return self.filter(enabled=True, next_run__lte=now).order_by("next_run")
-
-    def release_run(self, **extra: Any) -> int:
-        """One dispatched run is over, or was never sent: a single UPDATE, so concurrent runs
-        never lose each other's counts."""
-        return self.update(**released_values(), **extra)
 
     def finish(self) -> int:
         """Finish these tasks: delete them, or disable them with SISY_KEEP_FINISHED_TASKS.
@@ -137,8 +145,7 @@ class TaskQuerySet(models.QuerySet):
         (``sisy_purge_finished`` and the admin's "finished" filter rely on that).
         """
         if conf.keep_finished_tasks():
-            return self.update(enabled=False, running=False, in_flight=0, lease_expires=None,
-                               finished_at=timezone.now())
+            return self.update(enabled=False, running=False, finished_at=timezone.now())
         return self.delete()[0]
 
 
@@ -164,7 +171,8 @@ class Task(models.Model):
         max_length=63, blank=True, validators=[validate_timezone],
         help_text="Zone the schedule is read in; blank = SISY_TIMEZONE / Celery's timezone / TIME_ZONE.",
     )
-    queue = models.CharField(max_length=200, blank=True, help_text="Celery queue; blank = default routing.")
+    queue = models.CharField(max_length=200, blank=True, validators=[validate_queue],
+                             help_text="Celery queue; blank = default routing.")
     priority = models.PositiveSmallIntegerField(
         null=True, blank=True, validators=[MaxValueValidator(255)], help_text="Message priority; empty = none."
     )
@@ -178,13 +186,10 @@ class Task(models.Model):
     next_run = models.DateTimeField(default=HAS_NOT_RUN, editable=False)
     _func_info = models.JSONField(default=dict, editable=False)
     _extra_data = models.JSONField(default=dict, blank=True)
-    running = models.BooleanField(default=False, editable=False)
-    in_flight = models.PositiveIntegerField(default=0, editable=False, help_text="Runs dispatched and not finished.")
-    lease_expires = models.DateTimeField(null=True, blank=True, editable=False)
-    claimed_slot = models.DateTimeField(
-        null=True, blank=True, editable=False, help_text="Slot of the latest dispatched run."
+    running = models.BooleanField(
+        default=False, editable=False, help_text="Some run of this task is claimed, queued or running (from the run ledger)."
     )
-    last_status = models.CharField(max_length=20, blank=True, editable=False)
+    last_status = models.CharField(max_length=20, blank=True, editable=False, help_text="Outcome of the last settled run.")
     problem = models.TextField(blank=True, editable=False)
     finished_at = models.DateTimeField(
         null=True, blank=True, editable=False,
@@ -198,9 +203,6 @@ class Task(models.Model):
             # "Enabled tasks due before T, earliest first" is a range scan of this index, and the
             # admin's default order (enabled first, then by next run) reads it in order too.
             models.Index(fields=["-enabled", "next_run"], name="sisy_task_enabled_next_idx"),
-            # A starting beat looks for claims still marked unpublished (lease before 1971):
-            # a range scan here rather than a read of the whole table.
-            models.Index(fields=["lease_expires"], name="sisy_task_lease_idx"),
         ]
 
     def __str__(self) -> str:
@@ -447,3 +449,71 @@ class BeatProcess(models.Model):
 
     def __str__(self) -> str:
         return self.ident
+
+
+#: Namespace of the Celery task ids of runs: the id is a function of (task, slot) alone, so a message,
+#: every copy or re-publish of it and its django-celery-results row share one id.
+RUN_ID_NAMESPACE = uuid.UUID("6f1c7a52-3c1e-4f0e-9a59-5b0f2a7f3d10")
+
+
+def run_celery_id(task_pk: Any, slot: datetime) -> str:
+    """The Celery task id of the run of task ``task_pk`` for ``slot``."""
+    return str(uuid.uuid5(RUN_ID_NAMESPACE, f"{task_pk}/{slot.astimezone(dt_timezone.utc).isoformat()}"))
+
+
+class Run(models.Model):
+    """One dispatched slot of one task: the record beat and workers agree on (the run ledger).
+
+    Every write to these rows goes through :mod:`sisy_celery.engine`. The task is referenced
+    without a database constraint so that the history outlives a finished task that is deleted.
+    """
+
+    CLAIMED = "claimed"
+    PUBLISHED = "published"
+    STARTED = "started"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    REVOKED = "revoked"
+    LOST = "lost"
+    STATES = [(CLAIMED, "claimed"), (PUBLISHED, "published"), (STARTED, "started"), (SUCCEEDED, "succeeded"),
+              (FAILED, "failed"), (REVOKED, "revoked"), (LOST, "lost")]
+    #: states of a run that is not over: the task counts as running while it has one
+    UNSETTLED = (CLAIMED, PUBLISHED, STARTED)
+    SETTLED = (SUCCEEDED, FAILED, REVOKED, LOST)
+
+    task = models.ForeignKey(Task, on_delete=models.DO_NOTHING, db_constraint=False, related_name="runs")
+    slot = models.DateTimeField(help_text="The instant this run was due.")
+    state = models.CharField(max_length=10, choices=STATES, default=CLAIMED)
+    attempt = models.PositiveSmallIntegerField(default=0, help_text="Starts so far (a redelivered run starts again).")
+    beat = models.CharField(max_length=255, blank=True, help_text="The beat (host:pid) that claimed or last published it.")
+    worker = models.CharField(max_length=255, blank=True, help_text="The worker that started it.")
+    claimed_at = models.DateTimeField()
+    published_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    lease_until = models.DateTimeField(
+        null=True, blank=True,
+        help_text="A published or started run is alive until then; a worker renews it while the callable runs.",
+    )
+    error = models.CharField(max_length=300, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["task", "slot"], name="sisy_run_task_slot_uniq")]
+        indexes = [
+            # a task's unsettled runs (beat's claim counts them for a whole batch at once)
+            models.Index(fields=["task", "state"], name="sisy_run_task_state_idx"),
+            # runs left claimed by a dead beat, leases to check (unsettled runs are few), retention
+            models.Index(fields=["state", "claimed_at"], name="sisy_run_state_claimed_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"run of task {self.task_id} for {self.slot.isoformat()} ({self.state})"
+
+    @property
+    def celery_id(self) -> str:
+        return run_celery_id(self.task_id, self.slot)
+
+    @property
+    def lateness(self) -> timedelta | None:
+        """Started minus slot: how late the run began."""
+        return None if self.started_at is None else self.started_at - self.slot

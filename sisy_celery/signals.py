@@ -1,104 +1,93 @@
-"""Worker-side bookkeeping: ``last_run``, ``iterations``, ``running`` and the running lease.
+"""Worker-side bookkeeping: settle each run when its callable returns, keep its lease alive meanwhile.
 
-The task body calls :func:`run_started` once it has accepted a message; Celery's
-``task_postrun`` and ``task_revoked`` signals then settle the run. Every update
-is a single conditional statement, so concurrent runs never lose each other's
-counts.
+The task body (``tasks.run_callable``) starts a run through the engine and hands it to
+:func:`track`; Celery's ``task_postrun`` settles it, ``task_revoked`` revokes a run that
+never started. Settling is retried until the database answers, and the run's lease is
+renewed all that time, so an outage after the callable neither repeats nor loses the run.
 """
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
-from datetime import timedelta
+from datetime import datetime
 from typing import Any
 
 from celery import states
-from celery.signals import task_postrun, task_prerun, task_revoked
-from django.db import close_old_connections
-from django.db.models import Case, F, PositiveIntegerField, Value, When
+from celery.signals import task_postrun, task_revoked, worker_init
+from django.db import DatabaseError, InterfaceError, close_old_connections, connection
 from django.utils import timezone
 
-from . import conf
-from .models import FAR_FUTURE, Task
-from .scheduler import UNPUBLISHED_BEFORE
+from . import conf, engine
+from .dispatch import TASK_NAME
+from .models import Task
 
 logger = logging.getLogger("sisy_celery.worker")
 
-#: The name of the one generic Celery task (defined in tasks.py, which imports this module).
-TASK_NAME = "sisy.run_callable"
+#: Longest pause between two attempts to settle a run while the database is unreachable.
+MAX_SETTLE_PAUSE = 5.0
 
 
-def run_started(request: Any, task: Task) -> None:
-    """Record the start of an accepted run and keep its lease alive while it runs."""
-    now = timezone.now()
-    request.sisy_run = {"pk": task.pk, "iterations": task.iterations, "end_running": task.end_running}
-    lease = now + timedelta(seconds=conf.running_timeout())
-    Task.objects.filter(pk=task.pk).update(last_run=now, lease_expires=_renewed(lease))
-    _leases.add(task.pk)
+def track(run: engine.Started, task: Task, request: Any) -> None:
+    """Note a run this process started: its lease is renewed until it is settled."""
+    request.sisy_run = (run, task)
+    _leases.add(run)
 
 
-def _renewed(lease: Any) -> Case:
-    """A new lease, unless the row's lease is the mark of a claim beat has not published yet
-    (overlap allowed: another slot of the task is being sent), which beat swaps itself."""
-    return Case(When(lease_expires__lt=UNPUBLISHED_BEFORE, then=F("lease_expires")), default=Value(lease))
-
-
-def _release(pk: Any, status: str, count_run: bool, limited: bool = True, ends: bool = True) -> None:
-    """Settle one run of task ``pk``: fewer in flight, one iteration used, finish if none remain.
-
-    ``limited`` / ``ends`` say whether the task had an iteration count / an end date
-    when the run started; they only spare queries that cannot match.
-    """
-    rows = Task.objects.filter(pk=pk)
-    if count_run and limited and rows.filter(iterations=1, in_flight__lte=1).finish():
-        logger.info("sisy task id=%s finished: its last iteration ran", pk)
-        return
-    extra: dict[str, Any] = {}
-    if count_run:
-        extra = {
-            "iterations": Case(When(iterations__gt=1, then=F("iterations") - 1), default=F("iterations"),
-                               output_field=PositiveIntegerField()),
-            "last_status": Value(status),
-        }
-    rows.release_run(**extra)
-    if ends and rows.filter(in_flight=0, next_run__gt=F("end_running"), end_running__lt=FAR_FUTURE).finish():
-        logger.info("sisy task id=%s finished: its end_running has passed", pk)
-
-
-@task_prerun.connect
-def _on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, **kwargs: Any) -> None:
-    """Note whether a message the broker delivers again already ran to its end.
-
-    A broker redelivers a message whose acknowledgement it never got (a connection lost in a
-    broker restart, Redis's visibility timeout): if its run had finished, the task body skips it
-    (see ``run_callable``). Looked up here, before Celery stores STARTED over the earlier state;
-    a run that was interrupted (STARTED, or nothing stored) runs again, as documented.
-    """
-    if getattr(sender, "name", None) != TASK_NAME or task is None or task_id is None:
-        return
-    request = task.request
-    if not (getattr(request, "delivery_info", None) or {}).get("redelivered"):
-        return
+def settle(run: engine.Started, task: Task, state: str, error: str) -> None:
+    """Settle ``run``, retrying with backoff until the database answers."""
+    pause = 0.2
     try:
-        state = task.backend.get_task_meta(task_id).get("status")
-    except Exception:  # no result store, or unreachable: run it rather than lose it
-        logger.warning("sisy could not read the earlier state of redelivered message %s; it runs", task_id)
-        return
-    if state in states.READY_STATES:
-        request.sisy_finished_before = state
+        while True:
+            try:
+                close_old_connections()
+                engine.settle(run, state, error, timezone.now(), task)
+                return
+            except (DatabaseError, InterfaceError) as exc:
+                logger.warning("sisy task id=%s: could not record the end of the run for %s (%s: %s); retrying in %.1fs",
+                               run.task_pk, run.slot.isoformat(), type(exc).__name__, exc, pause)
+                _close_connection()
+                time.sleep(pause)
+                pause = min(pause * 2, MAX_SETTLE_PAUSE)
+    finally:
+        _leases.discard(run)
+
+
+def _close_connection() -> None:
+    try:
+        connection.close()
+    except Exception:  # already broken; a new one is opened on the next query
+        pass
+
+
+def parse_slot(value: Any) -> datetime:
+    """The aware slot a message carries; ValueError if it is not one."""
+    slot = datetime.fromisoformat(value)
+    if timezone.is_naive(slot):
+        raise ValueError("naive")
+    return slot
+
+
+@worker_init.connect
+def _on_worker_init(**kwargs: Any) -> None:
+    from .checks import refuse_to_start
+
+    refuse_to_start("worker")
 
 
 @task_postrun.connect
-def _on_postrun(sender: Any = None, task: Any = None, state: str | None = None, **kwargs: Any) -> None:
+def _on_postrun(sender: Any = None, task: Any = None, state: str | None = None, retval: Any = None,
+                **kwargs: Any) -> None:
     if getattr(sender, "name", None) != TASK_NAME:
         return
-    run = getattr(task.request, "sisy_run", None)
-    if run is None:
-        return  # refused or dropped message: nothing was claimed by this run
-    _leases.discard(run["pk"])
-    _release(run["pk"], state or "", count_run=True, limited=run["iterations"] > 0,
-             ends=run["end_running"] < FAR_FUTURE)
+    tracked = getattr(task.request, "sisy_run", None)
+    if tracked is None:
+        return  # refused, dropped or waiting message: no run was started by it
+    task.request.sisy_run = None
+    run, row = tracked
+    error = "" if state == states.SUCCESS else f"{type(retval).__name__}: {retval}"
+    settle(run, row, state or "", error)
 
 
 @task_revoked.connect
@@ -106,49 +95,52 @@ def _on_revoked(sender: Any = None, request: Any = None, expired: bool = False, 
     if getattr(sender, "name", None) != TASK_NAME or request is None:
         return
     args = getattr(request, "args", None) or []
-    if args:
-        logger.warning("sisy run of task id=%s was %s before it started", args[0], "dropped (expired)" if expired else "revoked")
-        _release(args[0], "REVOKED", count_run=False)
+    try:
+        task_pk, slot = args[0], parse_slot(args[3])
+    except (IndexError, TypeError, ValueError):
+        logger.warning("sisy dropped a %s message whose arguments name no run: %r",
+                       "expired" if expired else "revoked", args)
+        return
+    reason = "expired before it started" if expired else "revoked before it started"
+    if engine.revoke(task_pk, slot, timezone.now(), reason):
+        logger.warning("sisy run of task id=%s for %s %s", task_pk, slot.isoformat(), reason)
 
 
 class _LeaseKeeper:
-    """Renews the ``running`` lease of tasks this worker process is running, from one thread."""
+    """Renews the leases of the runs this worker process is running, from one thread."""
 
     def __init__(self) -> None:
-        self._running: Counter[Any] = Counter()
+        self._running: Counter[engine.Started] = Counter()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def add(self, pk: Any) -> None:
+    def add(self, run: engine.Started) -> None:
         with self._lock:
-            self._running[pk] += 1
+            self._running[run] += 1
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="sisy-lease", daemon=True)
                 self._thread.start()
 
-    def discard(self, pk: Any) -> None:
+    def discard(self, run: engine.Started) -> None:
         with self._lock:
-            self._running[pk] -= 1
-            if self._running[pk] <= 0:
-                del self._running[pk]
+            self._running[run] -= 1
+            if self._running[run] <= 0:
+                del self._running[run]
 
     def _loop(self) -> None:
         event = threading.Event()
         while True:
-            timeout = conf.running_timeout()
-            event.wait(max(timeout / 3, 0.2))
+            event.wait(max(conf.running_timeout() / 3, 0.2))
             with self._lock:
-                pks = list(self._running)
-            if not pks:
+                runs = list(self._running)
+            if not runs:
                 continue
             try:
                 close_old_connections()
-                # Only rows still in flight: a run that ended after ``pks`` was read has already
-                # cleared its lease, and renewing it would leave a settled task with a lease.
-                Task.objects.filter(pk__in=pks, in_flight__gt=0).update(
-                    lease_expires=_renewed(timezone.now() + timedelta(seconds=timeout)))
+                engine.renew(runs, timezone.now())
             except Exception:  # a database outage must not kill the lease thread
-                logger.exception("sisy could not renew running leases of tasks %s", pks)
+                logger.exception("sisy could not renew the leases of %d running run(s)", len(runs))
+                _close_connection()
 
 
 _leases = _LeaseKeeper()

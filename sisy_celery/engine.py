@@ -1,0 +1,423 @@
+"""The run ledger's state machine: every write to run state goes through this module.
+
+A slot of a task becomes a :class:`~sisy_celery.models.Run` row when beat claims it, and
+moves only forward::
+
+    claimed --publish--> published --start--> started --settle--> succeeded | failed
+       |  ^                  |                   |
+       |  +--(re-publish)    +--revoke/lapse--> revoked | lost
+       +--(refused by the broker)--> lost
+
+Beat claims (insert runs and advance ``next_run`` in one transaction), publishes after
+the commit and marks what went out; runs a dead beat left ``claimed`` are published again
+by any beat (at-least-once publish). A worker starts a run with one conditional UPDATE: a
+copy of a message, a run already started or settled, or a run of a disabled or deleted
+task changes nothing, so a slot runs once. Settling, renewing, lapsing and revoking are
+conditional on the state and on the start they belong to, so no caller can settle another's
+run. ``Task.running`` is kept as a projection of the ledger ("some run is not settled"),
+``Task.iterations`` is counted down by settlement only, ``Task.last_run`` is the start of
+the last settled run.
+
+Callers pass the clock (``now``) in: the scheduler and the worker decide when, this
+module decides what is written.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass
+from functools import reduce
+from datetime import datetime, timedelta
+from typing import Any, Iterable, Sequence
+
+from django.db import connection, transaction
+from django.db.models import Count, Exists, F, OuterRef, Q, Value
+from django.db.models.functions import Greatest
+
+from . import conf
+from .dispatch import Dispatcher, Outgoing
+from .models import FAR_FUTURE, Run, Task, run_celery_id
+
+logger = logging.getLogger("sisy_celery.engine")
+
+SEND, SKIP, FINISH, BROKEN = "send", "skip", "finish", "broken"
+#: what a worker's start found, when it did not start the run
+UNKNOWN, RUNNING, SETTLED, DISABLED, OVERLAP = "unknown", "running", "settled", "disabled", "overlap"
+#: Celery's final task states, as run outcomes (any other state settles as failed)
+OUTCOMES = {"SUCCESS": Run.SUCCEEDED, "FAILURE": Run.FAILED}
+
+
+class TaskBusy(Exception):
+    """A run was not claimed: the task is already running (overlap off), has a run waiting to be
+    published, or has no iterations left for another run."""
+
+
+def _lease(now: datetime) -> datetime:
+    return now + timedelta(seconds=conf.running_timeout())
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# -- beat: claim ----------------------------------------------------------------------------
+
+
+@dataclass
+class Decision:
+    """What to do with one due task row: send its slot, skip it, finish the task, or flag it."""
+
+    task: Task
+    slot: datetime
+    action: str
+    next_run: datetime | None = None
+    problem: str = ""
+
+
+def plan(task: Task, now: datetime, unsettled: int = 0, pending: int = 0) -> Decision:
+    """Decide from the row and its counts of unsettled runs (``pending``: of those, still claimed).
+
+    Missed slots are coalesced: the next run is the first slot after now. A run not yet
+    published makes every new slot wait (a broker outage ends in one catch-up run, not a
+    backlog); overlap off waits for every unsettled run; ``iterations`` bounds the runs
+    that may be unsettled at once, so settled runs can never exceed it.
+    """
+    slot = task.next_run
+    if slot > task.end_running and unsettled == 0:
+        return Decision(task, slot, FINISH)
+    try:
+        following = task.following_run(max(now, slot))
+    except ValueError as exc:
+        return Decision(task, slot, BROKEN, problem=str(exc))
+    busy = pending > 0 or (not task.allow_overlap and unsettled > 0) or (0 < task.iterations <= unsettled)
+    return Decision(task, slot, SKIP if busy or slot > task.end_running else SEND, next_run=following)
+
+
+def unsettled_counts(task_pks: Iterable[Any]) -> dict[Any, tuple[int, int]]:
+    """``{task pk: (unsettled runs, of which claimed)}`` for the tasks that have any."""
+    counts: dict[Any, tuple[int, int]] = {}
+    rows = (Run.objects.filter(task_id__in=list(task_pks), state__in=Run.UNSETTLED)
+            .values_list("task_id", "state").annotate(n=Count("pk")).order_by())
+    for pk, state, n in rows:
+        unsettled, pending = counts.get(pk, (0, 0))
+        counts[pk] = (unsettled + n, pending + (n if state == Run.CLAIMED else 0))
+    return counts
+
+
+@dataclass
+class Batch:
+    """One claiming transaction: the runs to publish and the number of due rows it read."""
+
+    runs: list[Run]
+    decisions: list[Decision]
+    examined: int
+
+
+def claim_due(now: datetime, limit: int, beat: str) -> Batch:
+    """Claim the due slots of up to ``limit`` task rows in one transaction.
+
+    Where the database has ``SKIP LOCKED`` the rows are locked, so concurrent beats take
+    disjoint batches and write them back set-based; elsewhere (SQLite) each row is won by the
+    one UPDATE that still sees the ``next_run`` it read. Either way a slot gets at most one run
+    (the ledger is unique on task + slot as well).
+    """
+    locking = connection.features.has_select_for_update_skip_locked
+    with transaction.atomic():
+        rows = Task.objects.due(now)
+        if locking:
+            rows = rows.select_for_update(skip_locked=True)
+        tasks = list(rows[:limit])
+        counts = unsettled_counts(task.pk for task in tasks)
+        decisions = [plan(task, now, *counts.get(task.pk, (0, 0))) for task in tasks]
+        won = _write_locked(decisions) if locking else _write_conditional(decisions)
+        runs = [Run(task=d.task, slot=d.slot, state=Run.CLAIMED, beat=beat, claimed_at=now)
+                for d in won if d.action == SEND]
+        Run.objects.bulk_create(runs)
+    for decision in won:
+        _log_decision(decision)
+    return Batch(runs, won, len(tasks))
+
+
+def _task_values(decision: Decision) -> dict[str, Any]:
+    if decision.action == BROKEN:
+        return {"next_run": FAR_FUTURE, "problem": decision.problem}
+    values: dict[str, Any] = {"next_run": decision.next_run}
+    if decision.action == SEND:
+        values["running"] = True
+    return values
+
+
+def _write_locked(decisions: list[Decision]) -> list[Decision]:
+    """The rows are locked by this transaction: one UPDATE per distinct set of values (rows due
+    together mostly share them), rather than one per row."""
+    groups: dict[tuple[tuple[str, Any], ...], list[Any]] = {}
+    for decision in decisions:
+        if decision.action != FINISH:
+            groups.setdefault(tuple(sorted(_task_values(decision).items())), []).append(decision.task.pk)
+    for values, pks in groups.items():
+        Task.objects.filter(pk__in=pks).update(**dict(values))
+    finished = [d.task.pk for d in decisions if d.action == FINISH]
+    if finished:
+        Task.objects.filter(pk__in=finished).finish()
+    return decisions
+
+
+def _write_conditional(decisions: list[Decision]) -> list[Decision]:
+    """No row locks: each row is won by the UPDATE that still sees the ``next_run`` it read."""
+    won = []
+    for decision in decisions:
+        rows = Task.objects.filter(pk=decision.task.pk, next_run=decision.task.next_run)
+        if decision.action == FINISH:
+            ok = rows.finish() > 0
+        else:
+            ok = rows.update(**_task_values(decision)) == 1
+        if ok:
+            won.append(decision)
+    return won
+
+
+def _log_decision(decision: Decision) -> None:
+    task = decision.task
+    if decision.action == SKIP:
+        logger.info("sisy task id=%s label=%r: slot %s skipped, a run is still going or waiting (next %s)",
+                    task.pk, task.label, decision.slot.isoformat(), decision.next_run.isoformat())
+    elif decision.action == FINISH:
+        logger.info("sisy task id=%s label=%r finished: end_running %s has passed",
+                    task.pk, task.label, task.end_running.isoformat())
+    elif decision.action == BROKEN:
+        logger.error("sisy task id=%s label=%r flagged and not scheduled: %s", task.pk, task.label, decision.problem)
+
+
+def claim_now(task: Task, now: datetime, by: str) -> Run:
+    """Claim a run of ``task`` for the slot ``now`` ("run now"), under beat's rules; TaskBusy if not."""
+    with transaction.atomic():
+        row = Task.objects.select_for_update().filter(pk=task.pk).first()
+        if row is None:
+            raise TaskBusy(f"Task {task.pk} no longer exists; not sent.")
+        unsettled, pending = unsettled_counts([row.pk]).get(row.pk, (0, 0))
+        if pending or (not row.allow_overlap and unsettled) or 0 < row.iterations <= unsettled:
+            raise TaskBusy(f"Task {row.pk} ({row.label}) is already running, has a run waiting to be sent, "
+                           f"or has no iterations left; not sent.")
+        run = Run.objects.create(task=row, slot=now, state=Run.CLAIMED, beat=by, claimed_at=now)
+        Task.objects.filter(pk=row.pk).update(running=True)
+    return run
+
+
+# -- beat: publish --------------------------------------------------------------------------
+
+
+def message(run: Run) -> Outgoing:
+    """The ``sisy.run_callable`` message of ``run`` (its task attached)."""
+    task = run.task
+    return Outgoing(
+        task_id=run_celery_id(task.pk, run.slot),
+        args=[task.pk, task._func_info, task._extra_data, run.slot.isoformat()],
+        headers={"periodic_task_name": task.result_tag},
+        queue=task.queue,
+        priority=task.priority,
+        expires=None if task.expires is None else run.slot + timedelta(seconds=task.expires),
+        key=run.pk,
+    )
+
+
+def publish(runs: Sequence[Run], dispatcher: Dispatcher, now: datetime) -> int:
+    """Publish ``runs`` (claimed, committed) and mark what went out; return how many did.
+
+    A message the broker refuses on its own (its queue, routing or size) parks that task
+    only. A connection failure raises ``BrokerUnavailable`` from the dispatcher and leaves
+    the runs claimed: they are published again later (the worker drops any copy).
+    """
+    if not runs:
+        return 0
+    refused = dispatcher.publish([message(run) for run in runs])
+    reasons = {outgoing.key: reason for outgoing, reason in refused}
+    sent = [run.pk for run in runs if run.pk not in reasons]
+    if sent:
+        Run.objects.filter(pk__in=sent, state=Run.CLAIMED).update(
+            state=Run.PUBLISHED, published_at=now, lease_until=_lease(now))
+    for run in runs:
+        if run.pk in reasons:
+            park(run, reasons[run.pk], now)
+    return len(sent)
+
+
+def park(run: Run, reason: str, now: datetime) -> None:
+    """The broker refused the message of ``run``: that run is lost and its task flagged and stopped
+    (every other task keeps its slots). Saving the task again (e.g. with a valid queue) resumes it."""
+    task = run.task
+    problem = _short(f"The broker refused the message for queue {task.queue or '(default)'!r}: {reason}")
+    with transaction.atomic():
+        Run.objects.filter(pk=run.pk, state=Run.CLAIMED).update(
+            state=Run.LOST, finished_at=now, error=_short(f"refused by the broker: {reason}"))
+        Task.objects.filter(pk=task.pk).update(next_run=FAR_FUTURE, problem=problem)
+        sync_running([task.pk])
+    logger.error("sisy task id=%s label=%r queue=%r flagged and not scheduled: the broker refused its message (%s)",
+                 task.pk, task.label, task.queue, reason)
+
+
+def claim_stale(now: datetime, older_than: float, beat: str, limit: int) -> list[Run]:
+    """Take over runs claimed more than ``older_than`` seconds ago and still not marked published:
+    their beat died between claim and publish (or its publish failed). The caller publishes them
+    again; if the first publish did go out, the worker runs only one of the copies."""
+    cutoff = now - timedelta(seconds=older_than)
+    with transaction.atomic():
+        rows = Run.objects.filter(state=Run.CLAIMED, claimed_at__lt=cutoff).select_related("task").order_by("claimed_at")
+        if connection.features.has_select_for_update_skip_locked:
+            rows = rows.select_for_update(skip_locked=True, of=("self",))
+        runs = list(rows[:limit])
+        Run.objects.filter(pk__in=[run.pk for run in runs], state=Run.CLAIMED).update(claimed_at=now, beat=beat)
+    for run in runs:
+        logger.warning("sisy task id=%s label=%r: run for slot %s was claimed by %s but not published; "
+                       "publishing it now", run.task_id, run.task.label, run.slot.isoformat(), run.beat)
+    return runs
+
+
+# -- beat: upkeep ---------------------------------------------------------------------------
+
+
+def lapse(now: datetime, limit: int) -> int:
+    """Settle as lost the published and started runs whose lease lapsed: no worker started the
+    message in time (lost with the broker, or no worker), or the worker running it stopped renewing
+    (killed). Their tasks are free again; a lost run uses no iteration."""
+    rows = list(Run.objects.filter(state__in=(Run.PUBLISHED, Run.STARTED), lease_until__lt=now)
+                .values_list("pk", "task_id", "slot", "state", "worker")[:limit])
+    if not rows:
+        return 0
+    why = {Run.PUBLISHED: "not started by any worker before its lease lapsed (message lost, or no worker)",
+           Run.STARTED: "its worker stopped renewing the lease (worker lost)"}
+    with transaction.atomic():
+        for state, error in why.items():
+            Run.objects.filter(pk__in=[r[0] for r in rows if r[3] == state], state=state, lease_until__lt=now).update(
+                state=Run.LOST, finished_at=now, lease_until=None, error=error)
+        sync_running({r[1] for r in rows})
+    for pk, task_pk, slot, state, worker in rows:
+        logger.warning("sisy task id=%s: run for slot %s lost: %s%s", task_pk, slot.isoformat(), why[state],
+                       f" ({worker})" if worker else "")
+    return len(rows)
+
+
+def purge(before: datetime, limit: int) -> int:
+    """Delete up to ``limit`` settled runs claimed before ``before`` (``SISY_RUN_RETENTION``)."""
+    pks = list(Run.objects.filter(state__in=Run.SETTLED, claimed_at__lt=before).values_list("pk", flat=True)[:limit])
+    return Run.objects.filter(pk__in=pks).delete()[0] if pks else 0
+
+
+def abandon(task_pks: Sequence[Any], now: datetime, reason: str) -> int:
+    """Settle every unsettled run of these tasks as lost (an operator cleared a stuck task)."""
+    with transaction.atomic():
+        count = Run.objects.filter(task_id__in=list(task_pks), state__in=Run.UNSETTLED).update(
+            state=Run.LOST, finished_at=now, lease_until=None, error=_short(reason))
+        sync_running(task_pks)
+    return count
+
+
+def sync_running(task_pks: Iterable[Any]) -> None:
+    """Set ``Task.running`` from the ledger: some run of the task is not settled."""
+    Task.objects.filter(pk__in=list(task_pks)).update(
+        running=Exists(Run.objects.filter(task_id=OuterRef("pk"), state__in=Run.UNSETTLED)))
+
+
+# -- worker ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Started:
+    """A run this worker started; ``started_at`` tells this start from any other attempt of the run."""
+
+    task_pk: Any
+    slot: datetime
+    started_at: datetime
+
+
+@dataclass(frozen=True)
+class NotStarted:
+    """Why a message started nothing: ``UNKNOWN`` (no such run), ``RUNNING`` (another attempt holds a
+    live lease until ``lease_until``), ``SETTLED``, ``DISABLED`` or ``OVERLAP``."""
+
+    why: str
+    detail: str = ""
+    lease_until: datetime | None = None
+
+
+def start(task: Task, slot: datetime, worker: str, now: datetime) -> Started | NotStarted:
+    """Start the run of ``task`` for ``slot``: one conditional UPDATE. Only a claimed or published run
+    of an enabled task starts, or a started one whose lease lapsed (its worker died: a redelivered
+    attempt). Anything else (a copy, a settled run, a disabled or deleted task) starts nothing."""
+    runs = Run.objects.filter(task_id=task.pk, slot=slot)
+    if not task.allow_overlap and Run.objects.filter(
+            task_id=task.pk, state=Run.STARTED, lease_until__gte=now).exclude(slot=slot).exists():
+        return _not_started(task, slot, now, OVERLAP)
+    startable = runs.filter(Q(state__in=(Run.CLAIMED, Run.PUBLISHED)) | Q(state=Run.STARTED, lease_until__lt=now))
+    if startable.filter(Exists(Task.objects.filter(pk=OuterRef("task_id"), enabled=True))).update(
+            state=Run.STARTED, attempt=F("attempt") + 1, worker=worker, started_at=now, lease_until=_lease(now)):
+        return Started(task.pk, slot, now)
+    return _not_started(task, slot, now, None)
+
+
+def _not_started(task: Task, slot: datetime, now: datetime, why: str | None) -> NotStarted:
+    """Say why a start changed nothing; a waiting run that can never start (its task is disabled, or
+    another run of an overlap-off task holds the lease) is settled as revoked, so it blocks nothing."""
+    run = Run.objects.filter(task_id=task.pk, slot=slot).values("state", "lease_until", "error").first()
+    if run is None:
+        return NotStarted(UNKNOWN, "no run of this task was dispatched for that slot")
+    if run["state"] in Run.SETTLED:
+        return NotStarted(SETTLED, f"the run is already {run['state']}" + (f" ({run['error']})" if run["error"] else ""))
+    if run["state"] == Run.STARTED and why is None:
+        return NotStarted(RUNNING, "another attempt of this run is running", lease_until=run["lease_until"])
+    why = why or DISABLED
+    detail = ("another run of this task is running and overlap is off" if why == OVERLAP
+              else "the task is disabled or finished")
+    revoke(task.pk, slot, now, detail)
+    return NotStarted(why, detail)
+
+
+def settle(run: Started, state: str, error: str, now: datetime, task: Task) -> bool:
+    """Record the outcome of a started run and count it: one iteration used (the task finishes when
+    none is left), ``last_run`` and ``running`` updated. Only the start ``run`` names is settled, once;
+    False if it was not (settled already, or given up as lost after its lease lapsed)."""
+    outcome = OUTCOMES.get(state, Run.FAILED)
+    with transaction.atomic():
+        mine = Run.objects.filter(task_id=run.task_pk, slot=run.slot, started_at=run.started_at)
+        if not mine.filter(state=Run.STARTED).update(state=outcome, finished_at=now, lease_until=None,
+                                                     error=_short(error)):
+            late = mine.filter(state=Run.LOST).update(state=outcome, finished_at=now, error=_short(
+                f"finished after its lease had lapsed; not counted as an iteration. {error}"))
+            if late:
+                logger.warning("sisy task id=%s: run for slot %s finished after its lease lapsed; its outcome is "
+                               "recorded but it uses no iteration", run.task_pk, run.slot.isoformat())
+            return False
+        tasks = Task.objects.filter(pk=run.task_pk)
+        counted = {
+            "last_run": Greatest(F("last_run"), Value(run.started_at)),
+            "last_status": Value(state),
+            "running": Exists(Run.objects.filter(task_id=OuterRef("pk"), state__in=Run.UNSETTLED)),
+        }
+        # ``task`` is the row as loaded at the start; other runs may have counted down since, so
+        # whether this was the last iteration is decided by the database.
+        if not task.iterations or not tasks.filter(iterations__gt=1).update(iterations=F("iterations") - 1, **counted):
+            if task.iterations and tasks.filter(iterations=1).finish():
+                logger.info("sisy task id=%s finished: its last iteration ran", run.task_pk)
+                return True
+            tasks.update(**counted)
+        if task.end_running < FAR_FUTURE and tasks.filter(running=False, next_run__gt=F("end_running")).finish():
+            logger.info("sisy task id=%s finished: its end_running has passed", run.task_pk)
+    return True
+
+
+def renew(runs: Iterable[Started], now: datetime) -> int:
+    """Extend the leases of runs still going in this worker."""
+    mine = [Q(task_id=run.task_pk, slot=run.slot, started_at=run.started_at) for run in runs]
+    if not mine:
+        return 0
+    return Run.objects.filter(reduce(operator.or_, mine), state=Run.STARTED).update(lease_until=_lease(now))
+
+
+def revoke(task_pk: Any, slot: datetime, now: datetime, reason: str) -> bool:
+    """Settle the run of ``task_pk`` for ``slot`` as revoked if it has not started (a revoked or
+    expired message, a refused callable): its own run only, never another slot's, never a started one."""
+    with transaction.atomic():
+        done = Run.objects.filter(task_id=task_pk, slot=slot, state__in=(Run.CLAIMED, Run.PUBLISHED)).update(
+            state=Run.REVOKED, finished_at=now, lease_until=None, error=_short(reason))
+        if done:
+            sync_running([task_pk])
+    return bool(done)

@@ -1,0 +1,488 @@
+"""The run ledger's engine, without processes: an injected clock and a dispatcher stub that can fail.
+
+Runs on SQLite and (``SISY_TEST_DB=postgres``) PostgreSQL: every state transition, beats
+racing, recovery of runs left claimed, lapsed leases, retention, exactly-N iterations,
+and DST nights with the same clock on the beat and the worker side.
+"""
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta, timezone as dt_timezone
+from typing import Any, Sequence
+from zoneinfo import ZoneInfo
+
+import pytest
+from django.db import connection, connections
+from django.test.utils import override_settings
+
+from sisy_celery import engine
+from sisy_celery.dispatch import BrokerUnavailable, Outgoing
+from sisy_celery.models import FAR_FUTURE, Run, Task, run_celery_id, task_with_callable
+from tests.testapp import jobs
+
+pytestmark = pytest.mark.django_db
+
+UTC = dt_timezone.utc
+T0 = datetime(2030, 6, 1, 12, 0, 0, tzinfo=UTC)
+BEAT = "beat-a:1"
+
+
+class StubDispatcher:
+    """Records what it is asked to publish. ``down_at=k``: the connection fails at the k-th message of
+    a call; ``refuse``: the (task pk) whose messages the broker refuses one by one."""
+
+    def __init__(self, down_at: int | None = None, refuse: Sequence[Any] = ()) -> None:
+        self.down_at = down_at
+        self.refuse = set(refuse)
+        self.sent: list[Outgoing] = []
+
+    def publish(self, messages: Sequence[Outgoing]) -> list[tuple[Outgoing, str]]:
+        refused = []
+        for index, outgoing in enumerate(messages):
+            if self.down_at is not None and index == self.down_at:
+                raise BrokerUnavailable("connection refused")
+            if outgoing.args[0] in self.refuse:
+                refused.append((outgoing, "ACCESS_REFUSED"))
+            else:
+                self.sent.append(outgoing)
+        return refused
+
+    def close(self) -> None:
+        pass
+
+
+def make(schedule: str = "* * * * * *", due: datetime | None = T0, the_callable: Any = jobs.job,
+         **fields: Any) -> Task:
+    """A saved task whose next run is ``due``."""
+    task = task_with_callable(the_callable, schedule=schedule, **fields)
+    task.save()
+    if due is not None:
+        Task.objects.filter(pk=task.pk).update(next_run=due)
+        task.refresh_from_db()
+    return task
+
+
+def dispatch(now: datetime, dispatcher: StubDispatcher | None = None, limit: int = 100) -> engine.Batch:
+    """What one beat tick does with the due rows: claim, then publish."""
+    batch = engine.claim_due(now, limit, BEAT)
+    engine.publish(batch.runs, dispatcher or StubDispatcher(), now)
+    return batch
+
+
+def runs_of(task: Task) -> list[tuple[datetime, str]]:
+    return list(Run.objects.filter(task_id=task.pk).order_by("slot").values_list("slot", "state"))
+
+
+def start(task: Task, slot: datetime, now: datetime, worker: str = "w1") -> engine.Started | engine.NotStarted:
+    return engine.start(Task.objects.get(pk=task.pk), slot, worker, now)
+
+
+def run_to_end(task: Task, slot: datetime, now: datetime, state: str = "SUCCESS") -> bool:
+    """A worker starts the run of ``slot`` and settles it at once."""
+    row = Task.objects.get(pk=task.pk)
+    started = engine.start(row, slot, "w1", now)
+    assert isinstance(started, engine.Started), started
+    return engine.settle(started, state, "", now, row)
+
+
+# -- planning -------------------------------------------------------------------------------
+
+
+def test_plan_sends_a_due_slot_and_coalesces_missed_ones() -> None:
+    task = make(schedule="* * * * *", due=T0 - timedelta(minutes=10))
+    decision = engine.plan(task, T0)
+    assert (decision.action, decision.slot, decision.next_run) == (engine.SEND, T0 - timedelta(minutes=10),
+                                                                   T0 + timedelta(minutes=1))
+
+
+@pytest.mark.parametrize("fields, unsettled, pending, action", [
+    ({}, 0, 0, engine.SEND),
+    ({}, 3, 0, engine.SEND),  # overlap allowed, unlimited
+    ({}, 1, 1, engine.SKIP),  # a run not yet published: the new slot waits (coalescing)
+    ({"allow_overlap": False}, 1, 0, engine.SKIP),
+    ({"allow_overlap": False}, 0, 0, engine.SEND),
+    ({"iterations": 2}, 1, 0, engine.SEND),
+    ({"iterations": 2}, 2, 0, engine.SKIP),
+])
+def test_plan_busy_rules(fields: dict[str, Any], unsettled: int, pending: int, action: str) -> None:
+    assert engine.plan(make(**fields), T0, unsettled, pending).action == action
+
+
+def test_plan_finishes_after_end_running_only_when_nothing_runs() -> None:
+    task = make(end_running=T0 - timedelta(seconds=1), start_running=T0 - timedelta(days=1))
+    assert engine.plan(task, T0, 0).action == engine.FINISH
+    assert engine.plan(task, T0, 1).action == engine.SKIP
+
+
+def test_plan_flags_a_broken_schedule() -> None:
+    task = make()
+    task.schedule = "61 * * * *"
+    decision = engine.plan(task, T0)
+    assert decision.action == engine.BROKEN and "minute" in decision.problem.lower()
+
+
+# -- claim and publish ----------------------------------------------------------------------
+
+
+def test_claim_inserts_runs_advances_next_run_and_publish_marks_them() -> None:
+    tasks = [make(userdata={"n": n}) for n in range(3)]
+    later = make(due=T0 + timedelta(seconds=5))
+    stub = StubDispatcher()
+    batch = dispatch(T0, stub)
+    assert batch.examined == 3 and len(batch.runs) == 3
+    for task in tasks:
+        task.refresh_from_db()
+        assert task.next_run == T0 + timedelta(seconds=1) and task.running
+        assert runs_of(task) == [(T0, Run.PUBLISHED)]
+    assert runs_of(later) == []
+    run = Run.objects.get(task_id=tasks[0].pk)
+    assert (run.beat, run.claimed_at, run.published_at, run.attempt) == (BEAT, T0, T0, 0)
+    assert run.lease_until == T0 + timedelta(seconds=300)
+    first = stub.sent[0]
+    assert first.task_id == run_celery_id(tasks[0].pk, T0) == run.celery_id
+    assert first.args == [tasks[0].pk, tasks[0]._func_info, {"n": 0}, T0.isoformat()]
+    assert first.headers == {"periodic_task_name": f"sisy:{tasks[0].pk}"}
+
+
+def test_claim_batches_are_bounded_and_report_more() -> None:
+    for _ in range(5):
+        make()
+    assert dispatch(T0, limit=3).examined == 3
+    assert dispatch(T0, limit=3).examined == 2
+    assert Run.objects.filter(state=Run.PUBLISHED).count() == 5
+
+
+def test_routing_options_reach_the_message() -> None:
+    task = make(queue="reports", priority=7, expires=30)
+    stub = StubDispatcher()
+    dispatch(T0, stub)
+    (message,) = stub.sent
+    assert (message.queue, message.priority, message.expires) == ("reports", 7, T0 + timedelta(seconds=30))
+    assert message.key == Run.objects.get(task_id=task.pk).pk
+
+
+def test_a_refused_message_parks_its_task_only() -> None:
+    good, bad, other = make(), make(queue="fine"), make()
+    stub = StubDispatcher(refuse=[bad.pk])
+    dispatch(T0, stub)
+    assert sorted(m.args[0] for m in stub.sent) == sorted([good.pk, other.pk])
+    bad.refresh_from_db()
+    assert bad.next_run == FAR_FUTURE and "refused" in bad.problem and "'fine'" in bad.problem
+    assert not bad.running
+    (run,) = Run.objects.filter(task_id=bad.pk)
+    assert run.state == Run.LOST and "ACCESS_REFUSED" in run.error
+    # the others go on: next tick their next slot goes out, the parked task stays parked
+    stub2 = StubDispatcher()
+    dispatch(T0 + timedelta(seconds=1), stub2)
+    assert sorted(m.args[0] for m in stub2.sent) == sorted([good.pk, other.pk])
+    # saving it with another queue resumes it
+    bad.queue = "other"
+    bad.save()
+    bad.refresh_from_db()
+    assert bad.problem == "" and bad.next_run < FAR_FUTURE
+
+
+def test_broker_down_leaves_runs_claimed_and_another_beat_republishes_them() -> None:
+    tasks = [make() for _ in range(4)]
+    down = StubDispatcher(down_at=2)
+    batch = engine.claim_due(T0, 100, BEAT)
+    with pytest.raises(BrokerUnavailable):
+        engine.publish(batch.runs, down, T0)
+    assert Run.objects.filter(state=Run.CLAIMED).count() == 4
+    # while they wait, no new slot of these tasks is claimed: one catch-up run, not a backlog
+    assert engine.claim_due(T0 + timedelta(seconds=1), 100, BEAT).runs == []
+    assert engine.claim_stale(T0 + timedelta(seconds=5), 10, "beat-b:2", 100) == []
+    stale = engine.claim_stale(T0 + timedelta(seconds=11), 10, "beat-b:2", 100)
+    assert len(stale) == 4 and {run.beat for run in Run.objects.all()} == {"beat-b:2"}
+    stub = StubDispatcher()
+    assert engine.publish(stale, stub, T0 + timedelta(seconds=11)) == 4
+    assert sorted(m.args[0] for m in stub.sent) == sorted(t.pk for t in tasks)
+    assert {m.args[3] for m in stub.sent} == {T0.isoformat()}
+    assert Run.objects.filter(state=Run.PUBLISHED).count() == 4
+    # the re-published slots run once each, whichever copy comes first
+    for task in tasks:
+        assert run_to_end(task, T0, T0 + timedelta(seconds=12))
+        assert isinstance(start(task, T0, T0 + timedelta(seconds=12)), engine.NotStarted)
+
+
+def test_a_beat_losing_the_race_for_a_row_claims_nothing_for_it() -> None:
+    """Two beats read the same due row; the one that writes second (SQLite's conditional path) wins
+    nothing, so the slot has one run."""
+    task = make()
+    stale = engine.plan(Task.objects.get(pk=task.pk), T0)
+    dispatch(T0)
+    assert engine._write_conditional([stale]) == []
+    assert runs_of(task) == [(T0, Run.PUBLISHED)]
+
+
+def test_concurrent_beats_claim_disjoint_batches(transactional_db: None) -> None:
+    """Two threads (two database connections) claim the same 40 due rows at once: 40 runs in all, one
+    per slot, whatever the database's locking (SKIP LOCKED on PostgreSQL, conditional UPDATEs on SQLite)."""
+    for _ in range(40):
+        make()
+    results: dict[str, int] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def beat(name: str) -> None:
+        try:
+            barrier.wait()
+            total = 0
+            while True:
+                batch = engine.claim_due(T0, 7, name)
+                total += len(batch.runs)
+                if batch.examined == 0:
+                    break
+            results[name] = total
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=beat, args=(name,)) for name in ("a:1", "b:2")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    if connection.vendor == "sqlite":
+        # SQLite serialises writers; a writer that finds the database locked raises, which beat
+        # treats as a database outage and retries: the guarantee is still one run per slot.
+        errors = [e for e in errors if "locked" not in str(e)]
+    assert errors == []
+    assert Run.objects.count() == 40 == sum(results.values())
+    assert Run.objects.values("task_id", "slot").distinct().count() == 40
+
+
+# -- the worker side ------------------------------------------------------------------------
+
+
+def test_start_is_idempotent_and_copies_run_nothing() -> None:
+    task = make()
+    dispatch(T0)
+    now = T0 + timedelta(seconds=0.2)
+    first = start(task, T0, now)
+    assert isinstance(first, engine.Started) and first.started_at == now
+    copy = start(task, T0, now)
+    assert isinstance(copy, engine.NotStarted) and copy.why == engine.RUNNING
+    assert copy.lease_until == now + timedelta(seconds=300)
+    run = Run.objects.get(task_id=task.pk)
+    assert (run.state, run.attempt, run.worker, run.started_at) == (Run.STARTED, 1, "w1", now)
+    assert engine.settle(first, "SUCCESS", "", now + timedelta(seconds=1), task)
+    after = start(task, T0, now + timedelta(seconds=2))
+    assert isinstance(after, engine.NotStarted) and after.why == engine.SETTLED
+    assert start(task, T0 + timedelta(seconds=7), now).why == engine.UNKNOWN
+    run.refresh_from_db()
+    assert (run.state, run.attempt, run.finished_at) == (Run.SUCCEEDED, 1, now + timedelta(seconds=1))
+
+
+def test_a_message_for_a_disabled_or_deleted_task_runs_nothing_and_frees_the_task() -> None:
+    disabled, deleted = make(), make()
+    dispatch(T0)
+    Task.objects.filter(pk=disabled.pk).update(enabled=False)
+    for task in (disabled, deleted):
+        row = Task.objects.get(pk=task.pk)
+        if task is deleted:
+            Task.objects.filter(pk=task.pk).delete()
+        result = engine.start(row, T0, "w1", T0)
+        assert isinstance(result, engine.NotStarted) and result.why == engine.DISABLED
+        assert runs_of(task) == [(T0, Run.REVOKED)]
+    assert not Task.objects.get(pk=disabled.pk).running
+
+
+def test_overlap_off_a_second_run_never_starts_while_one_runs() -> None:
+    task = make(allow_overlap=False)
+    dispatch(T0)
+    assert isinstance(start(task, T0, T0), engine.Started)
+    # a run of another slot claimed behind beat's back (run now on SQLite racing beat)
+    Run.objects.create(task=task, slot=T0 + timedelta(seconds=1), state=Run.PUBLISHED, claimed_at=T0)
+    refused = start(task, T0 + timedelta(seconds=1), T0 + timedelta(seconds=1))
+    assert isinstance(refused, engine.NotStarted) and refused.why == engine.OVERLAP
+    assert runs_of(task)[1] == (T0 + timedelta(seconds=1), Run.REVOKED)
+
+
+def test_a_redelivered_attempt_starts_again_only_once_the_lease_lapsed() -> None:
+    task = make()
+    dispatch(T0)
+    first = start(task, T0, T0, worker="dead")
+    assert isinstance(first, engine.Started)
+    lease_end = T0 + timedelta(seconds=300)
+    assert start(task, T0, lease_end - timedelta(seconds=1)).why == engine.RUNNING
+    second = start(task, T0, lease_end + timedelta(seconds=1), worker="w2")
+    assert isinstance(second, engine.Started)
+    run = Run.objects.get(task_id=task.pk)
+    assert (run.attempt, run.worker) == (2, "w2")
+    # the dead attempt can no longer settle (or renew) the run; the live one can
+    assert engine.renew([first], lease_end) == 0
+    assert not engine.settle(first, "SUCCESS", "", lease_end + timedelta(seconds=2), task)
+    assert engine.settle(second, "SUCCESS", "", lease_end + timedelta(seconds=2), task)
+
+
+def test_settle_records_outcome_last_run_and_running() -> None:
+    task = make()
+    dispatch(T0)
+    started = start(task, T0, T0 + timedelta(seconds=0.5))
+    assert engine.settle(started, "FAILURE", "RuntimeError: boom", T0 + timedelta(seconds=2), task)
+    task.refresh_from_db()
+    assert (task.last_run, task.last_status, task.running, task.iterations) == (
+        T0 + timedelta(seconds=0.5), "FAILURE", False, 0)
+    run = Run.objects.get(task_id=task.pk)
+    assert (run.state, run.error, run.lease_until) == (Run.FAILED, "RuntimeError: boom", None)
+    assert run.lateness == timedelta(seconds=0.5)
+    assert not engine.settle(started, "SUCCESS", "", T0 + timedelta(seconds=3), task), "settled twice"
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_iterations_exactly_n_with_overlap_and_concurrent_runs(keep: bool) -> None:
+    """iterations=3 with overlap: at most 3 runs are ever unsettled at once, each settle counts one,
+    and the third finishes the task, whatever order they end in; a 4th slot is never claimed."""
+    task = make(iterations=3)
+    with override_settings(SISY_KEEP_FINISHED_TASKS=keep):
+        starts = []
+        for second in range(6):
+            now = T0 + timedelta(seconds=second)
+            dispatch(now)
+            for slot, state in runs_of(task):
+                if state == Run.PUBLISHED:
+                    starts.append(start(task, slot, now))
+        assert len(starts) == 3 and all(isinstance(s, engine.Started) for s in starts)
+        for index in (1, 2, 0):
+            assert engine.settle(starts[index], "SUCCESS", "", T0 + timedelta(seconds=7), task)
+        remaining = Task.objects.filter(pk=task.pk).first()
+        if keep:
+            assert (remaining.enabled, remaining.running, remaining.finished_at is not None) == (False, False, True)
+        else:
+            assert remaining is None
+        assert Run.objects.filter(task_id=task.pk, state=Run.SUCCEEDED).count() == 3
+        assert dispatch(T0 + timedelta(seconds=8)).runs == []
+
+
+def test_end_running_finishes_the_task_after_its_last_run() -> None:
+    task = make(start_running=T0 - timedelta(days=1), end_running=T0 + timedelta(seconds=0.5))
+    dispatch(T0)
+    started = start(task, T0, T0)
+    # the next slot is past the end, but a run is still going: the task is not finished yet
+    assert dispatch(T0 + timedelta(seconds=1)).runs == []
+    assert Task.objects.filter(pk=task.pk).exists()
+    engine.settle(started, "SUCCESS", "", T0 + timedelta(seconds=2), task)
+    assert not Task.objects.filter(pk=task.pk).exists()
+
+
+def test_renew_extends_only_the_runs_of_this_start() -> None:
+    a, b = make(), make()
+    dispatch(T0)
+    run_a, run_b = start(a, T0, T0), start(b, T0, T0)
+    assert engine.renew([run_a], T0 + timedelta(seconds=100)) == 1
+    leases = dict(Run.objects.values_list("task_id", "lease_until"))
+    assert leases == {a.pk: T0 + timedelta(seconds=400), b.pk: T0 + timedelta(seconds=300)}
+    assert engine.renew([], T0) == 0
+
+
+def test_revoke_settles_its_own_unstarted_run_only() -> None:
+    a = make()
+    dispatch(T0)
+    dispatch(T0 + timedelta(seconds=1))
+    assert isinstance(start(a, T0, T0 + timedelta(seconds=1)), engine.Started)
+    # an expired (or forged expired) message for the running slot changes nothing
+    assert not engine.revoke(a.pk, T0, T0 + timedelta(seconds=2), "expired before it started")
+    assert engine.revoke(a.pk, T0 + timedelta(seconds=1), T0 + timedelta(seconds=2), "expired before it started")
+    assert runs_of(a) == [(T0, Run.STARTED), (T0 + timedelta(seconds=1), Run.REVOKED)]
+    assert Task.objects.get(pk=a.pk).running
+
+
+# -- upkeep ---------------------------------------------------------------------------------
+
+
+def test_lapse_settles_lost_runs_and_frees_their_tasks() -> None:
+    queued, running, alive = make(allow_overlap=False), make(allow_overlap=False), make()
+    dispatch(T0)
+    start(running, T0, T0)
+    start(alive, T0, T0)
+    later = T0 + timedelta(seconds=200)
+    engine.renew([engine.Started(alive.pk, T0, T0)], later)
+    assert engine.lapse(T0 + timedelta(seconds=299), 100) == 0
+    assert engine.lapse(T0 + timedelta(seconds=301), 100) == 2
+    states = dict(Run.objects.values_list("task_id", "state"))
+    assert states == {queued.pk: Run.LOST, running.pk: Run.LOST, alive.pk: Run.STARTED}
+    assert "not started" in Run.objects.get(task_id=queued.pk).error
+    assert "stopped renewing" in Run.objects.get(task_id=running.pk).error
+    assert not Task.objects.get(pk=running.pk).running and Task.objects.get(pk=alive.pk).running
+    # the overlap-off tasks whose runs were lost take their next slot again
+    assert {run.task_id for run in dispatch(T0 + timedelta(seconds=302)).runs} >= {queued.pk, running.pk}
+    # the lost run's late message runs nothing
+    assert start(queued, T0, T0 + timedelta(seconds=303)).why == engine.SETTLED
+
+
+def test_a_run_that_ends_after_its_lease_lapsed_records_its_outcome_but_no_iteration() -> None:
+    task = make(iterations=2)
+    dispatch(T0)
+    started = start(task, T0, T0)
+    engine.lapse(T0 + timedelta(seconds=400), 100)
+    assert not engine.settle(started, "SUCCESS", "", T0 + timedelta(seconds=401), task)
+    run = Run.objects.get(task_id=task.pk)
+    assert run.state == Run.SUCCEEDED and "lease had lapsed" in run.error
+    assert Task.objects.get(pk=task.pk).iterations == 2
+
+
+def test_purge_deletes_settled_runs_in_bounded_batches() -> None:
+    task = make()
+    for second in range(5):
+        now = T0 + timedelta(seconds=second)
+        dispatch(now)
+        run_to_end(task, now, now)
+    dispatch(T0 + timedelta(seconds=5))  # one unsettled run: never purged
+    cutoff = T0 + timedelta(days=1)
+    assert engine.purge(cutoff, 3) == 3
+    assert engine.purge(cutoff, 3) == 2
+    assert engine.purge(cutoff, 3) == 0
+    assert runs_of(task) == [(T0 + timedelta(seconds=5), Run.PUBLISHED)]
+
+
+def test_abandon_gives_up_unsettled_runs() -> None:
+    task = make()
+    dispatch(T0)
+    start(task, T0, T0)
+    assert engine.abandon([task.pk], T0, "cleared by admin") == 1
+    assert runs_of(task) == [(T0, Run.LOST)] and not Task.objects.get(pk=task.pk).running
+
+
+def test_claim_now_follows_beats_rules() -> None:
+    task = make(allow_overlap=False, due=None)
+    run = engine.claim_now(task, T0, "admin:alice")
+    assert (run.state, run.beat, run.slot) == (Run.CLAIMED, "admin:alice", T0)
+    assert Task.objects.get(pk=task.pk).running
+    with pytest.raises(engine.TaskBusy, match="already running"):
+        engine.claim_now(task, T0 + timedelta(seconds=1), "admin:alice")
+    limited = make(iterations=1, due=None)
+    engine.publish([engine.claim_now(limited, T0, "x")], StubDispatcher(), T0)
+    with pytest.raises(engine.TaskBusy):
+        engine.claim_now(limited, T0 + timedelta(seconds=1), "x")
+    gone = make(due=None)
+    Task.objects.filter(pk=gone.pk).delete()
+    with pytest.raises(engine.TaskBusy, match="no longer exists"):
+        engine.claim_now(gone, T0, "x")
+
+
+# -- DST, with one clock for beat and worker -----------------------------------------------
+
+
+@pytest.mark.parametrize("night, schedule, expected_local", [
+    # spring forward: 02:30 does not exist; it runs at the first instant after the gap, once
+    (datetime(2030, 3, 10, 5, 0, tzinfo=UTC), "30 2 * * *", ["03:00"]),
+    # fall back: 01:30 happens twice; a fixed-hour slot runs once
+    (datetime(2030, 11, 3, 4, 0, tzinfo=UTC), "30 1 * * *", ["01:30"]),
+    # fall back: a wildcard-hour slot runs in both copies of the repeated hour
+    (datetime(2030, 11, 3, 4, 0, tzinfo=UTC), "45 * * * *", ["00:45", "01:45", "01:45", "02:45"]),
+])
+def test_dst_nights_run_each_slot_once(night: datetime, schedule: str, expected_local: list[str]) -> None:
+    zone = ZoneInfo("America/New_York")
+    task = make(schedule=schedule, timezone="America/New_York", due=None)
+    Task.objects.filter(pk=task.pk).update(next_run=task.following_run(night))
+    ran = []
+    for minute in range(0, 4 * 60):
+        now = night + timedelta(minutes=minute)
+        for run in dispatch(now).runs:
+            assert run_to_end(task, run.slot, now + timedelta(seconds=1))
+            ran.append(run.slot)
+    assert [slot.astimezone(zone).strftime("%H:%M") for slot in ran] == expected_local
+    assert len(set(ran)) == len(ran)
+    assert Run.objects.filter(task_id=task.pk, state=Run.SUCCEEDED).count() == len(expected_local)
