@@ -261,12 +261,21 @@ def claim_stale(now: datetime, older_than: float, beat: str, limit: int) -> list
     again; if the first publish did go out, the worker runs only one of the copies."""
     cutoff = now - timedelta(seconds=older_than)
     with transaction.atomic():
-        rows = Run.objects.filter(state=Run.CLAIMED, claimed_at__lt=cutoff).select_related("task").order_by("claimed_at")
+        rows = Run.objects.filter(state=Run.CLAIMED, claimed_at__lt=cutoff).order_by("claimed_at")
         if connection.features.has_select_for_update_skip_locked:
-            rows = rows.select_for_update(skip_locked=True, of=("self",))
+            rows = rows.select_for_update(skip_locked=True)
         runs = list(rows[:limit])
+        if not runs:
+            return []
         Run.objects.filter(pk__in=[run.pk for run in runs], state=Run.CLAIMED).update(claimed_at=now, beat=beat)
+    # The tasks are read apart from the locked runs, so their rows stay free for beat's claims.
+    tasks = Task.objects.in_bulk({run.task_id for run in runs})
+    orphans = [run for run in runs if run.task_id not in tasks]
+    for run in orphans:
+        revoke(run.task_id, run.slot, now, "its task was deleted before the run was published")
+    runs = [run for run in runs if run.task_id in tasks]
     for run in runs:
+        run.task = tasks[run.task_id]
         logger.warning("sisy task id=%s label=%r: run for slot %s was claimed by %s but not published; "
                        "publishing it now", run.task_id, run.task.label, run.slot.isoformat(), run.beat)
     return runs
@@ -300,6 +309,12 @@ def purge(before: datetime, limit: int) -> int:
     """Delete up to ``limit`` settled runs claimed before ``before`` (``SISY_RUN_RETENTION``)."""
     pks = list(Run.objects.filter(state__in=Run.SETTLED, claimed_at__lt=before).values_list("pk", flat=True)[:limit])
     return Run.objects.filter(pk__in=pks).delete()[0] if pks else 0
+
+
+def waiting(now: datetime, older_than: float) -> int:
+    """How many runs were published more than ``older_than`` seconds ago and no worker started yet
+    (no worker running, or none listening on their queue)."""
+    return Run.objects.filter(state=Run.PUBLISHED, claimed_at__lt=now - timedelta(seconds=older_than)).count()
 
 
 def abandon(task_pks: Sequence[Any], now: datetime, reason: str) -> int:

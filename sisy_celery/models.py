@@ -442,7 +442,8 @@ class BeatProcess(models.Model):
     hostname = models.CharField(max_length=255)
     pid = models.PositiveIntegerField()
     started_at = models.DateTimeField()
-    last_tick = models.DateTimeField()
+    last_tick = models.DateTimeField(help_text="When it last reported (beats report on every upkeep pass).")
+    stopped_at = models.DateTimeField(null=True, blank=True, help_text="When it stopped cleanly.")
 
     class Meta:
         verbose_name_plural = "beat processes"

@@ -31,6 +31,8 @@ from .dispatch import BrokerUnavailable, Dispatcher
 logger = logging.getLogger("sisy_celery.beat")
 
 MAX_BACKOFF = 30.0
+#: Seconds after which the health record of a silent beat is deleted.
+FORGET_BEATS_AFTER = 24 * 3600.0
 
 
 def _setup_django() -> None:
@@ -205,12 +207,20 @@ class Scheduler(beat.Scheduler):
             engine.lapse(now, limit)
         if time.monotonic() >= self._purge_at:
             engine.purge(now - timedelta(seconds=conf.run_retention()), limit)
+            self.forget_beats(now)
             self._purge_at = time.monotonic() + self.purge_every
         self.record_status(now)
         self._upkeep_at = time.monotonic() + self.upkeep_every
 
     def close(self) -> None:
+        """Stopping cleanly: say so in the health record, so ``sisy_status`` does not wait for it to age."""
+        from .models import BeatProcess
+
         self.close_dispatcher()
+        try:
+            BeatProcess.objects.filter(ident=self.ident).update(stopped_at=self.now())
+        except (DatabaseError, InterfaceError) as exc:
+            logger.warning("sisy beat %s could not record its stop: %s", self.ident, exc)
         super().close()
 
     # -- health and banner -------------------------------------------------------------
@@ -219,10 +229,17 @@ class Scheduler(beat.Scheduler):
         """Let ``sisy_status`` see this beat ticking (written on every upkeep pass)."""
         from .models import BeatProcess
 
-        fields = {"hostname": socket.gethostname(), "pid": os.getpid(), "started_at": self.started_at, "last_tick": now}
+        fields = {"hostname": socket.gethostname(), "pid": os.getpid(), "started_at": self.started_at, "last_tick": now,
+                  "stopped_at": None}
         # One UPDATE (autocommit) on every write but the first, which creates the row.
         if not BeatProcess.objects.filter(ident=self.ident).update(**fields):
             BeatProcess.objects.update_or_create(ident=self.ident, defaults=fields)
+
+    def forget_beats(self, now: datetime) -> None:
+        """Drop the health records of beats silent for a day (``sisy_status`` lists the rest)."""
+        from .models import BeatProcess
+
+        BeatProcess.objects.filter(last_tick__lt=now - timedelta(seconds=FORGET_BEATS_AFTER)).delete()
 
     @property
     def info(self) -> str:

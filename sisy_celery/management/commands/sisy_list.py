@@ -9,9 +9,10 @@ from django.utils import timezone
 
 from sisy_celery.models import HAS_NOT_RUN, Task
 
-COLUMNS = ("pk", "label", "schedule", "enabled", "next_run", "last_run")
-HEADERS = ("ID", "LABEL", "SCHEDULE", "ENABLED", "NEXT RUN", "LAST RUN")
+COLUMNS = ("pk", "label", "schedule", "enabled", "next_run", "last_run", "problem")
+HEADERS = ("ID", "LABEL", "SCHEDULE", "ENABLED", "NEXT RUN", "LAST RUN", "PROBLEM")
 LABEL_WIDTH = 40
+PROBLEM_WIDTH = 60
 
 
 def moment(value: datetime) -> str:
@@ -24,13 +25,15 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--limit", type=int, default=100, help="Show at most this many tasks (default 100).")
+        parser.add_argument("--problems", action="store_true",
+                            help="Only tasks with a problem (flagged and parked by beat or a worker).")
 
-    def handle(self, *args: Any, limit: int, **options: Any) -> None:
+    def handle(self, *args: Any, limit: int, problems: bool, **options: Any) -> None:
         if limit < 1:
             raise CommandError("--limit must be at least 1.")
-        rows = self.fetch(True, limit + 1)
+        rows = self.fetch(True, limit + 1, problems)
         if len(rows) <= limit:
-            rows += self.fetch(False, limit + 1 - len(rows))
+            rows += self.fetch(False, limit + 1 - len(rows), problems)
         table = [HEADERS] + [self.cells(row) for row in rows[:limit]]
         widths = [max(len(line[i]) for line in table) for i in range(len(HEADERS))]
         for line in table:
@@ -39,16 +42,23 @@ class Command(BaseCommand):
             self.stdout.write(f"(first {limit} tasks shown; use --limit to see more)")
 
     @staticmethod
-    def fetch(enabled: bool, count: int) -> list[tuple[Any, ...]]:
-        return list(Task.objects.filter(enabled=enabled).order_by("next_run").values_list(*COLUMNS)[:count])
+    def fetch(enabled: bool, count: int, problems: bool = False) -> list[tuple[Any, ...]]:
+        rows = Task.objects.filter(enabled=enabled)
+        if problems:
+            rows = rows.exclude(problem="")
+        return list(rows.order_by("next_run").values_list(*COLUMNS)[:count])
 
     @staticmethod
     def cells(row: tuple[Any, ...]) -> tuple[str, ...]:
-        pk, label, schedule, enabled, next_run, last_run = row
+        pk, label, schedule, enabled, next_run, last_run, problem = row
         if len(label) > LABEL_WIDTH:
             label = label[:LABEL_WIDTH - 1] + "…"
+        problem = " ".join(problem.split())
+        if len(problem) > PROBLEM_WIDTH:
+            problem = problem[:PROBLEM_WIDTH - 1] + "…"
         return (
             str(pk), label, schedule, "yes" if enabled else "no",
-            moment(next_run) if enabled else "-",
+            "-" if problem or not enabled else moment(next_run),
             moment(last_run) if last_run > HAS_NOT_RUN else "never",
+            problem or "-",
         )
