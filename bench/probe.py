@@ -165,10 +165,10 @@ def fake_clock_scheduler(clock: FakeClock):
         def now(self) -> datetime:
             return now()
 
-        def apply_claim(self, claim):
-            result = super().apply_claim(claim)
-            self.published.append((clock.ts(), claim.slot.timestamp(), claim.task.pk))
-            return result
+        def publish(self, runs, now):
+            super().publish(runs, now)
+            at = clock.ts()
+            self.published.extend((at, run.slot.timestamp(), run.task_id) for run in runs)
 
     return BenchScheduler
 
@@ -190,7 +190,7 @@ def ours(n: int, s1: float, boundary: float) -> None:
     emit(phase="startup", **startup)
 
     idle = measure_idle(beat.tick)
-    beat._status_written = 0.0  # one tick that also writes the health record (every status_every s)
+    beat._upkeep_at = 0.0  # one tick that also does upkeep and writes the health record (every upkeep_every s)
     with CaptureQueriesContext(connection) as captured:
         start = time.process_time()
         beat.tick()

@@ -125,10 +125,10 @@ def seed_ours(name: str, n: int, s1: float, boundary: float) -> float:
                 daily_next[hm] = fmt_ts(next_daily(hm[0], hm[1], b))
             schedule, next_run = f"{hm[1]} {hm[0]} * * *", daily_next[hm]
         buf.write(f"bench {i}\t{schedule}\tt\t{HAS_NOT_RUN}\t{FAR_FUTURE}\tt\t0\tt\t\t\t\\N\t\\N\t{now}\t{now}\t"
-                  f"{HAS_NOT_RUN}\t{next_run}\t{FUNC_INFO}\t{{}}\tf\t0\t\\N\t\\N\t\t\n")
+                  f"{HAS_NOT_RUN}\t{next_run}\t{FUNC_INFO}\t{{}}\tf\t\t\n")
     columns = ("label, schedule, enabled, start_running, end_running, wait_for_schedule, iterations, "
                "allow_overlap, timezone, queue, priority, expires, created_at, modified_at, last_run, next_run, "
-               "_func_info, _extra_data, running, in_flight, lease_expires, claimed_slot, last_status, problem")
+               "_func_info, _extra_data, running, last_status, problem")
     with psycopg.connect(db_url(name), autocommit=True) as conn:
         with conn.cursor().copy(f"COPY sisy_celery_task ({columns}) FROM STDIN") as copy:
             copy.write(buf.getvalue())
@@ -273,8 +273,9 @@ def multi_beat(n: int, boundary: float, client: redis.Redis, beats: int) -> dict
     name = f"sisy_bench_ours_{n}"
     with psycopg.connect(db_url(name), autocommit=True) as conn:
         expected = conn.execute(
-            "UPDATE sisy_celery_task SET next_run = %s, in_flight = 0, running = false, lease_expires = NULL "
+            "UPDATE sisy_celery_task SET next_run = %s, running = false "
             "WHERE schedule = %s", (datetime.fromtimestamp(boundary, UTC), EVERY_MINUTE)).rowcount
+        conn.execute("DELETE FROM sisy_celery_run")
     client.flushdb()
     t0 = time.time() + 6.0
     outputs: list[dict] = []

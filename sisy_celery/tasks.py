@@ -54,6 +54,9 @@ def run_callable(self: Any, task_pk: Any, func_info: dict[str, Any], userdata: d
     if task._func_info != func_info:
         logger.error("sisy refused a message for task id=%s label=%r: its function info %r differs from the row",
                      task.pk, task.label, func_info)
+        # The row's callable was changed after this slot was sent (or the message is forged): that
+        # slot's run, if it has not started, is revoked rather than left waiting for its lease.
+        engine.revoke(task.pk, slot, timezone.now(), "refused: the message's function info differs from the task")
         raise RefusedMessage(f"function info of the message differs from task {task.pk}; nothing was run")
     try:
         if not isinstance(func_info, dict):

@@ -486,3 +486,26 @@ def test_dst_nights_run_each_slot_once(night: datetime, schedule: str, expected_
     assert [slot.astimezone(zone).strftime("%H:%M") for slot in ran] == expected_local
     assert len(set(ran)) == len(ran)
     assert Run.objects.filter(task_id=task.pk, state=Run.SUCCEEDED).count() == len(expected_local)
+
+
+def test_claim_finishes_tasks_past_their_end_and_flags_broken_rows() -> None:
+    ended = make(start_running=T0 - timedelta(days=1), end_running=T0 - timedelta(seconds=1))
+    broken = make()
+    Task.objects.filter(pk=broken.pk).update(schedule="every full moon")
+    fine = make()
+    batch = dispatch(T0)
+    assert [run.task_id for run in batch.runs] == [fine.pk]
+    assert {d.task.pk: d.action for d in batch.decisions} == {ended.pk: engine.FINISH, broken.pk: engine.BROKEN,
+                                                             fine.pk: engine.SEND}
+    assert not Task.objects.filter(pk=ended.pk).exists()
+    broken.refresh_from_db()
+    assert broken.next_run == FAR_FUTURE and broken.problem and runs_of(broken) == []
+
+
+def test_a_claimed_run_whose_task_was_deleted_is_revoked_not_published() -> None:
+    task, other = make(), make()
+    engine.claim_due(T0, 100, BEAT)
+    Task.objects.filter(pk=task.pk).delete()
+    stale = engine.claim_stale(T0 + timedelta(seconds=11), 10, BEAT, 100)
+    assert [run.task_id for run in stale] == [other.pk]
+    assert runs_of(task) == [(T0, Run.REVOKED)]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import signal
 import sqlite3
@@ -52,11 +51,11 @@ SERVICES = {
 
 UTC = timezone.utc
 #: the line beat logs for each message it publishes
-SENT = re.compile(r"sisy task id=(\d+) label=.* sent for slot (\S+) ")
 T = TypeVar("T")
 
 RUN_TIMES = ("slot", "started", "finished")
-TASK_TIMES = ("next_run", "last_run", "lease_expires", "claimed_slot", "start_running", "end_running")
+TASK_TIMES = ("next_run", "last_run", "start_running", "end_running")
+LEDGER_TIMES = ("slot", "claimed_at", "published_at", "started_at", "finished_at", "lease_until")
 TASK_FLAGS = ("running", "enabled", "allow_overlap", "wait_for_schedule")
 
 
@@ -488,7 +487,7 @@ class Stack:
             if proc.alive():
                 self.kill(proc)
         self.processes.clear()
-        for table in ("sisy_celery_task", "jobs_run", "jobs_account", "django_celery_results_taskresult",
+        for table in ("sisy_celery_task", "sisy_celery_run", "jobs_run", "jobs_account", "django_celery_results_taskresult",
                       "sisy_celery_beatprocess"):
             self.db.query(f"DELETE FROM {table}")
         self._broker.reset()
@@ -616,9 +615,21 @@ class Stack:
         return "\n".join(parts)
 
     def sent(self) -> list[tuple[int, str]]:
-        """(task id, ISO slot) of every message the beat logs of this stack say was published."""
-        return [(int(m.group(1)), m.group(2)) for proc in self.processes if proc.kind == "beat"
-                for m in SENT.finditer(proc.text())]
+        """(task id, ISO slot) of every run the ledger says was published (one per slot), by slot."""
+        return [(row["task_id"], row["slot"].isoformat()) for row in self.ledger() if row["state"] != "claimed"]
+
+    def ledger(self, task_id: int | None = None) -> list[dict[str, Any]]:
+        """Rows of the run ledger ``sisy_celery_run`` (of one task), by slot (datetimes aware)."""
+        sql = "SELECT * FROM sisy_celery_run"
+        params: tuple[Any, ...] = ()
+        if task_id is not None:
+            sql += " WHERE task_id = %s"
+            params = (task_id,)
+        rows = self.query(sql + " ORDER BY slot, task_id", params)
+        for row in rows:
+            for key in LEDGER_TIMES:
+                row[key] = aware(row[key])
+        return rows
 
     # -- reading the database
 

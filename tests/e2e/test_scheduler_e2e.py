@@ -45,14 +45,15 @@ def edit(stack: Stack, pk: int, **changes: object) -> None:
 
 
 def sent_slots(stack: Stack, pk: int) -> list[str]:
-    """Slots the beat logs say were published for task ``pk`` (one entry per message)."""
+    """Slots the ledger says were published for task ``pk``."""
     return [slot for task, slot in stack.sent() if task == pk]
 
 
 def settled(stack: Stack, pk: int) -> dict | None:
-    """The task row once nothing of it is in flight and ``running`` is off (else None)."""
+    """The task row once no run of it is unsettled and ``running`` is off (else None)."""
     row = stack.task(pk)
-    return row if row and row["in_flight"] == 0 and not row["running"] else None
+    unsettled = [r for r in stack.ledger(pk) if r["state"] in ("claimed", "published", "started")]
+    return row if row and not unsettled and not row["running"] else None
 
 
 # -- the main stack: PostgreSQL + Redis ----------------------------------------------------
@@ -206,8 +207,9 @@ def test_slow_task_without_overlap_never_runs_concurrently(stack: Stack) -> None
     assert all(run.finished - run.started >= 2 * SECOND for run in runs)
     assert not duplicate_slots(runs)
     assert "skipped, a run is still going" in beat.text(), "slots due during a run were skipped"
-    assert "lease lapsed" not in beat.text(), "a long run was taken for a dead one"
-    assert row["running"] is False and row["lease_expires"] is None
+    assert "stopped renewing the lease" not in beat.text(), "a long run was taken for a dead one"
+    assert row["running"] is False
+    assert {r["state"] for r in stack.ledger(pk)} == {"succeeded"}
 
 
 def test_model_instance_method_runs_against_its_row(stack: Stack) -> None:
@@ -329,18 +331,22 @@ def test_beat_killed_and_restarted_catches_up_once_then_back_on_grid(stack: Stac
     killed = now()
     time.sleep(4)  # two slots come and go with no beat
     assert [r for r in stack.runs(pk) if r.started > killed + 0.5 * SECOND] == [], "runs while beat was down"
+    launched = now()
+    stack.beat("b2")  # returns once the new beat has logged its start
+    # Measured from when the beat was up, not when it was launched: starting a process on a loaded
+    # 2-core machine takes seconds, and the slots of that time are missed ones too.
     restarted = now()
-    stack.beat("b2")
     wait_for(lambda: len([r for r in stack.runs(pk) if r.slot > restarted]) >= 2, 15, "two runs after restart")
 
     runs = stack.runs(pk)
     missed = [run for run in runs if killed < run.slot <= restarted]
     assert len(missed) == 1, f"missed slots ran {len(missed)} times, not once (coalesced)"
-    assert missed[0].started >= restarted, "the catch-up run happened after the restart"
+    assert missed[0].started >= launched, "the catch-up run happened after the restart"
     after = [run.slot for run in runs if run.slot > restarted]
     assert all(slot.second % 2 == 0 and slot.microsecond == 0 for slot in after), "back on the cron grid"
     assert not gaps(after, step)
-    assert after[0] - restarted <= step + 2 * SECOND
+    # the first slot after the start is sent on its tick: within one step (and a tick) of the start
+    assert after[0] - restarted <= step + SECOND
     before = [run.slot for run in runs if run.slot <= killed]
     assert not gaps(before, step)
     assert not duplicate_slots(runs)
@@ -358,17 +364,19 @@ def test_beat_stopped_in_the_middle_of_a_dispatch_strands_no_claim(stack: Stack)
     """, tasks=tasks)
     beat = stack.beat()
 
-    # SIGTERM as soon as beat logs the first message of a batch: the rest are claimed, not yet sent.
-    wait_for(lambda: "sent for slot" in beat.text(), 10, "a batch to be published", interval=0.005)
+    # SIGTERM as soon as the first runs of a batch are claimed: they are not published yet.
+    wait_for(lambda: stack.query("SELECT 1 FROM sisy_celery_run WHERE state = 'claimed' LIMIT 1"), 10,
+             "a batch to be claimed", interval=0.005)
     beat.popen.send_signal(signal.SIGTERM)
     assert beat.popen.wait(timeout=20) == 0
     stopped = now()
 
     def stranded() -> list[int]:
-        rows = stack.query("SELECT id FROM sisy_celery_task WHERE in_flight > 0 OR running")
+        rows = stack.query("SELECT id FROM sisy_celery_task WHERE running")
         return [row["id"] for row in rows]
 
     wait_for(lambda: not stranded(), 15, "every claimed slot to be published and run")
+    assert [r for r in stack.ledger() if r["state"] == "claimed"] == [], "a claimed run was left unpublished"
     sent = stack.sent()
     assert sent, "beat published a batch before it stopped"
     assert {pk for pk, _ in sent} <= set(pks)
@@ -408,10 +416,10 @@ def test_expired_message_is_dropped_and_counters_settle(stack: Stack) -> None:
     stack.wait_ready(default, beat)
     pk = create(stack, "task = Task.run_once(jobs.record, label='expiring', queue='expiring', expires=2)")
 
-    row = wait_for(lambda: (r := stack.task(pk)) and r["in_flight"] == 1 and r, 10, "the run to be sent")
-    assert row["running"] is True
+    (run,) = wait_for(lambda: [r for r in stack.ledger(pk) if r["state"] == "published"], 10, "the run to be sent")
+    assert stack.task(pk)["running"] is True
     stack.stop(beat)
-    expiry = row["claimed_slot"] + 2 * SECOND
+    expiry = run["slot"] + 2 * SECOND
     time.sleep(max(0.0, (expiry - now()).total_seconds() + 0.5))
 
     late = stack.worker("late", queues="expiring")
@@ -419,28 +427,30 @@ def test_expired_message_is_dropped_and_counters_settle(stack: Stack) -> None:
     assert stack.runs(pk) == [], "an expired message ran"
     assert row["iterations"] == 1, "a dropped message does not use up an iteration"
     assert [r["status"] for r in stack.results(pk)] == ["REVOKED"]
-    wait_for(lambda: "dropped (expired)" in late.text(), 5, "the worker to log the expired run")
+    wait_for(lambda: "expired before it started" in late.text(), 5, "the worker to log the expired run")
+    assert [(r["state"], r["error"]) for r in stack.ledger(pk)] == [("revoked", "expired before it started")]
 
     stack.beat("again")
     wait_for(lambda: stack.task(pk) is None, 15, "the one-off task to run once beat is back")
     assert len(stack.runs(pk)) == 1
 
 
-def test_refused_message_hands_its_claim_back(stack: Stack) -> None:
+def test_refused_message_revokes_its_run(stack: Stack) -> None:
     default = stack.worker("default", wait=False)  # does not listen on 'held'
     beat = stack.beat(wait=False)
     stack.wait_ready(default, beat)
     pk = create(stack, "task = task_with_callable(jobs.record, label='held', schedule='* * * * * *', "
                        "queue='held', allow_overlap=False)\ntask.save()")
-    wait_for(lambda: (r := stack.task(pk)) and r["in_flight"] == 1, 10, "a run to be sent")
+    wait_for(lambda: [r for r in stack.ledger(pk) if r["state"] == "published"], 10, "a run to be sent")
     stack.stop(beat)
     # The row's callable changes while its message waits (as an edit in the admin would do it).
     stack.query("UPDATE sisy_celery_task SET _func_info = %s::jsonb WHERE id = %s",
                 (NO_ARGUMENTS, pk))
 
     held = stack.worker("held", queues="held")
-    row = wait_for(lambda: settled(stack, pk), 10, "the refused message to hand its claim back")
-    assert row["last_status"] == "REFUSED"
+    wait_for(lambda: settled(stack, pk), 10, "the refused message to revoke its run")
+    assert {r["state"] for r in stack.ledger(pk)} == {"revoked"}
+    assert all("function info differs" in r["error"] for r in stack.ledger(pk))
     assert stack.runs(pk) == []
     assert f"refused a message for task id={pk}" in held.text()
 
