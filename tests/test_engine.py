@@ -456,6 +456,19 @@ def test_claim_now_follows_beats_rules() -> None:
     engine.publish([engine.claim_now(limited, T0, "x")], StubDispatcher(), T0)
     with pytest.raises(engine.TaskBusy):
         engine.claim_now(limited, T0 + timedelta(seconds=1), "x")
+    # a run beat claimed and has not published yet (overlap allowed) holds "run now" back too
+    pending = make()
+    engine.claim_due(T0, 100, BEAT)
+    with pytest.raises(engine.TaskBusy, match="waiting to be sent"):
+        engine.claim_now(pending, T0 + timedelta(seconds=1), "x")
+    # overlap off: a run whose lease lapsed holds it back until beat settles it as lost; then it goes
+    solo = make(allow_overlap=False, due=None)
+    engine.publish([engine.claim_now(solo, T0, "x")], StubDispatcher(), T0)
+    assert isinstance(start(solo, T0, T0), engine.Started)
+    with pytest.raises(engine.TaskBusy):
+        engine.claim_now(solo, T0 + timedelta(seconds=400), "x")
+    engine.lapse(T0 + timedelta(seconds=400), 100)
+    assert engine.claim_now(solo, T0 + timedelta(seconds=401), "x").state == Run.CLAIMED
     gone = make(due=None)
     Task.objects.filter(pk=gone.pk).delete()
     with pytest.raises(engine.TaskBusy, match="no longer exists"):

@@ -532,3 +532,43 @@ def test_basic_scenario(make_stack, db: str, broker: str) -> None:
         sent = sent_slots(stack, pk)
         assert len(sent) == len(set(sent)) == len(stack.runs(pk)), f"task {pk}: slots sent {sent}"
     assert len(sent_slots(stack, once)) == 1
+
+
+def test_run_now_on_a_real_broker_with_beat_running_and_with_the_broker_down(stack: Stack) -> None:
+    """"Run now" from the project (as the admin and sisy_run do) with a real worker and beat: the run is
+    a ledger row, runs once, and beat sends nothing for it; with the broker unreachable (a Celery app
+    pointed at a closed port) nothing is sent, the run is revoked and the task is free again."""
+    stack.up()
+    pk = create(stack, "task = task_with_callable(jobs.record, label='on demand', schedule='0 0 1 1 *', "
+                       "allow_overlap=False)\ntask.save()")
+    celery_id = stack.run("from sisy_celery.tasks import run_now\nresult = run_now(Task.objects.get(pk=params['pk']))",
+                          pk=pk)
+    (run,) = wait_for(lambda: [r for r in stack.ledger(pk) if r["state"] == "succeeded"], 15, "the run to end")
+    assert len(stack.runs(pk)) == 1 and stack.runs(pk)[0].slot == run["slot"]
+    assert [r["task_id"] for r in stack.results(pk)] == [celery_id]
+    assert stack.task(pk)["running"] is False
+
+    failure = stack.run("""
+        import os
+        from celery import Celery
+        from sisy_celery.dispatch import BrokerUnavailable
+        from sisy_celery.tasks import run_now
+        real = os.environ["CELERY_BROKER_URL"]  # Celery reads the broker from here before its settings
+        os.environ["CELERY_BROKER_URL"] = "redis://127.0.0.1:9/0"
+        try:
+            down = Celery("down", set_as_current=False)
+            down.conf.broker_connection_max_retries = 1
+            run_now(Task.objects.get(pk=params['pk']), app=down)
+            result = "sent"
+        except BrokerUnavailable as exc:
+            result = str(exc)
+        finally:
+            os.environ["CELERY_BROKER_URL"] = real
+    """, pk=pk)
+    assert failure != "sent"
+    ledger = stack.ledger(pk)
+    assert [r["state"] for r in ledger] == ["succeeded", "revoked"]
+    assert "broker was unreachable" in ledger[1]["error"]
+    assert stack.task(pk)["running"] is False
+    time.sleep(2)  # a worker that got a message would have run it by now
+    assert len(stack.runs(pk)) == 1
