@@ -48,8 +48,8 @@ OUTCOMES = {"SUCCESS": Run.SUCCEEDED, "FAILURE": Run.FAILED}
 
 
 class TaskBusy(Exception):
-    """A run was not claimed: the task is already running (overlap off), has a run waiting to be
-    published, or has no iterations left for another run."""
+    """A run was not claimed: the task is already running (overlap off), or its unfinished runs use
+    up the iterations left."""
 
 
 def _lease(now: datetime) -> datetime:
@@ -74,13 +74,12 @@ class Decision:
     problem: str = ""
 
 
-def plan(task: Task, now: datetime, unsettled: int = 0, pending: int = 0) -> Decision:
-    """Decide from the row and its counts of unsettled runs (``pending``: of those, still claimed).
+def plan(task: Task, now: datetime, unsettled: int = 0) -> Decision:
+    """Decide from the row and its number of unsettled runs.
 
-    Missed slots are coalesced: the next run is the first slot after now. A run not yet
-    published makes every new slot wait (a broker outage ends in one catch-up run, not a
-    backlog); overlap off waits for every unsettled run; ``iterations`` bounds the runs
-    that may be unsettled at once, so settled runs can never exceed it.
+    Missed slots are coalesced: the next run is the first slot after now. Overlap off waits
+    for every unsettled run; ``iterations`` bounds the runs that may be unsettled at once, so
+    the runs counted can never exceed it.
     """
     slot = task.next_run
     if slot > task.end_running and unsettled == 0:
@@ -89,19 +88,21 @@ def plan(task: Task, now: datetime, unsettled: int = 0, pending: int = 0) -> Dec
         following = task.following_run(max(now, slot))
     except ValueError as exc:
         return Decision(task, slot, BROKEN, problem=str(exc))
-    busy = pending > 0 or (not task.allow_overlap and unsettled > 0) or (0 < task.iterations <= unsettled)
-    return Decision(task, slot, SKIP if busy or slot > task.end_running else SEND, next_run=following)
+    return Decision(task, slot, SKIP if busy(task, unsettled) or slot > task.end_running else SEND,
+                    next_run=following)
 
 
-def unsettled_counts(task_pks: Iterable[Any]) -> dict[Any, tuple[int, int]]:
-    """``{task pk: (unsettled runs, of which claimed)}`` for the tasks that have any."""
-    counts: dict[Any, tuple[int, int]] = {}
+def busy(task: Task, unsettled: int) -> bool:
+    """No new run while overlap is off and one is unsettled, or while the unsettled runs use up the
+    iterations left."""
+    return (not task.allow_overlap and unsettled > 0) or 0 < task.iterations <= unsettled
+
+
+def unsettled_counts(task_pks: Iterable[Any]) -> dict[Any, int]:
+    """``{task pk: unsettled runs}`` for the tasks that have any."""
     rows = (Run.objects.filter(task_id__in=list(task_pks), state__in=Run.UNSETTLED)
-            .values_list("task_id", "state").annotate(n=Count("pk")).order_by())
-    for pk, state, n in rows:
-        unsettled, pending = counts.get(pk, (0, 0))
-        counts[pk] = (unsettled + n, pending + (n if state == Run.CLAIMED else 0))
-    return counts
+            .values_list("task_id").annotate(n=Count("pk")).order_by())
+    return dict(rows)
 
 
 @dataclass
@@ -128,7 +129,7 @@ def claim_due(now: datetime, limit: int, beat: str) -> Batch:
             rows = rows.select_for_update(skip_locked=True)
         tasks = list(rows[:limit])
         counts = unsettled_counts(task.pk for task in tasks)
-        decisions = [plan(task, now, *counts.get(task.pk, (0, 0))) for task in tasks]
+        decisions = [plan(task, now, counts.get(task.pk, 0)) for task in tasks]
         won = _write_locked(decisions) if locking else _write_conditional(decisions)
         runs = [Run(task=d.task, slot=d.slot, state=Run.CLAIMED, beat=beat, claimed_at=now)
                 for d in won if d.action == SEND]
@@ -194,10 +195,9 @@ def claim_now(task: Task, now: datetime, by: str) -> Run:
         row = Task.objects.select_for_update().filter(pk=task.pk).first()
         if row is None:
             raise TaskBusy(f"Task {task.pk} no longer exists; not sent.")
-        unsettled, pending = unsettled_counts([row.pk]).get(row.pk, (0, 0))
-        if pending or (not row.allow_overlap and unsettled) or 0 < row.iterations <= unsettled:
-            raise TaskBusy(f"Task {row.pk} ({row.label}) is already running, has a run waiting to be sent, "
-                           f"or has no iterations left; not sent.")
+        if busy(row, unsettled_counts([row.pk]).get(row.pk, 0)):
+            raise TaskBusy(f"Task {row.pk} ({row.label}) is already running (overlap off) or its unfinished "
+                           f"runs use up the iterations left; not sent.")
         run = Run.objects.create(task=row, slot=now, state=Run.CLAIMED, beat=by, claimed_at=now)
         Task.objects.filter(pk=row.pk).update(running=True)
     return run
@@ -225,7 +225,8 @@ def publish(runs: Sequence[Run], dispatcher: Dispatcher, now: datetime) -> int:
 
     A message the broker refuses on its own (its queue, routing or size) parks that task
     only. A connection failure raises ``BrokerUnavailable`` from the dispatcher and leaves
-    the runs claimed: they are published again later (the worker drops any copy).
+    the runs claimed: the caller publishes them again before it claims anything new, and any
+    beat re-publishes runs left claimed (the worker drops any copy).
     """
     if not runs:
         return 0

@@ -97,6 +97,8 @@ class Scheduler(beat.Scheduler):
         # a worker cut off by the same outage gets that long to renew or settle.
         self._lapse_after = time.monotonic() + conf.running_timeout()
         self._dispatcher: Dispatcher | None = None
+        #: claimed runs whose publish failed, published again before anything new is claimed
+        self._unsent: list[Any] = []
         super().__init__(*args, **kwargs)
 
     # -- clock and hooks ---------------------------------------------------------------
@@ -126,7 +128,7 @@ class Scheduler(beat.Scheduler):
                     self.upkeep(now)
                 # An idle tick is this one indexed query; the claim runs only when a row is due.
                 earliest = self.earliest_next_run()
-                due = earliest is not None and earliest <= now
+                due = (earliest is not None and earliest <= now) or bool(self._unsent)
                 more = due and self.dispatch_due(now)
             if more:
                 return 0.0
@@ -170,7 +172,13 @@ class Scheduler(beat.Scheduler):
         return Task.objects.filter(enabled=True).order_by("next_run").values_list("next_run", flat=True).first()
 
     def dispatch_due(self, now: datetime) -> bool:
-        """Claim and publish one batch of due slots; True if there may be more due right now."""
+        """Claim and publish one batch of due slots; True if there may be more due right now.
+
+        Runs whose publish failed are published first: while the broker is down nothing new is
+        claimed, so an outage ends in one late run per task rather than a backlog.
+        """
+        if self._unsent:
+            self.publish(self._unsent, now)
         limit = conf.beat_batch_size()
         batch = engine.claim_due(now, limit, self.ident)
         self.publish(batch.runs, now)
@@ -178,15 +186,21 @@ class Scheduler(beat.Scheduler):
 
     def publish(self, runs: list[Any], now: datetime) -> None:
         """Publish claimed runs in groups (the ``apply_entry`` of database tasks); each group is
-        marked published as soon as it is out."""
+        marked published as soon as it is out. If the broker fails, the runs not marked are kept
+        to be published again before anything new is claimed."""
         for start in range(0, len(runs), self.publish_group):
             group = runs[start:start + self.publish_group]
-            engine.publish(group, self.dispatcher, now)
+            try:
+                engine.publish(group, self.dispatcher, now)
+            except BrokerUnavailable:
+                self._unsent = runs[start:]
+                raise
             for run in group:
                 logger.debug("sisy task id=%s label=%r sent for slot %s (id %s)",
                              run.task_id, run.task.label, run.slot.isoformat(), run.celery_id)
         if runs:
             logger.info("sisy beat %s: published %d run(s)", self.ident, len(runs))
+        self._unsent = []
 
     @property
     def dispatcher(self) -> Dispatcher:

@@ -1,0 +1,148 @@
+"""The beat scheduler without processes: an injected clock and a dispatcher stub that can fail.
+
+What beat decides around the engine: when to claim, that a broker outage ends in one late run
+rather than a backlog, that a dead beat's runs are published again, that leases are judged only
+after the database has been seen for a whole lease, and that an idle tick is one query.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone as dt_timezone
+from typing import Any
+
+import pytest
+from django.db import DatabaseError, connection
+from django.test.utils import CaptureQueriesContext
+
+from sisy_celery import engine
+from sisy_celery.models import Run, Task, task_with_callable
+from sisy_celery.scheduler import Scheduler
+from tests import celery_app
+from tests.test_engine import StubDispatcher
+from tests.testapp import jobs
+
+pytestmark = pytest.mark.django_db
+
+UTC = dt_timezone.utc
+T0 = datetime(2030, 6, 1, 12, 0, 0, tzinfo=UTC)
+
+
+class Clock:
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+
+    def __call__(self) -> datetime:
+        return self.at
+
+    def advance(self, seconds: float) -> None:
+        self.at += timedelta(seconds=seconds)
+
+
+class StubScheduler(Scheduler):
+    """Beat on an injected clock, publishing through ``stub`` (kept across reconnects)."""
+
+    stub: StubDispatcher
+    clock: Clock
+
+    def now(self) -> datetime:
+        return self.clock()
+
+    @property
+    def dispatcher(self) -> Any:
+        return self.stub
+
+
+def scheduler(clock: Clock, dispatcher: StubDispatcher) -> StubScheduler:
+    beat = StubScheduler(app=celery_app.app, lazy=True)
+    beat.clock, beat.stub = clock, dispatcher
+    beat._upkeep_at = float("inf")  # upkeep only where a test asks for it
+    return beat
+
+
+def every_second(**fields: Any) -> Task:
+    task = task_with_callable(jobs.job, schedule="* * * * * *", **fields)
+    task.save()
+    Task.objects.filter(pk=task.pk).update(next_run=T0)
+    return task
+
+
+def test_a_tick_claims_publishes_and_sleeps_until_the_next_slot() -> None:
+    clock, stub = Clock(T0 + timedelta(seconds=0.25)), StubDispatcher()
+    task = every_second()
+    beat = scheduler(clock, stub)
+    assert beat.tick_database() == pytest.approx(0.75)
+    assert [(m.args[0], m.args[3]) for m in stub.sent] == [(task.pk, T0.isoformat())]
+    assert Run.objects.get().state == Run.PUBLISHED
+
+
+def test_an_idle_tick_is_one_query() -> None:
+    every_second()
+    Task.objects.update(next_run=T0 + timedelta(hours=1))
+    beat = scheduler(Clock(T0), StubDispatcher())
+    with CaptureQueriesContext(connection) as queries:
+        wait = beat.tick_database()
+    assert len(queries.captured_queries) == 1 and wait == 1.0
+
+
+def test_a_broker_outage_ends_in_one_late_run_not_a_backlog() -> None:
+    clock, down = Clock(T0), StubDispatcher(down_at=0)
+    task = every_second()
+    beat = scheduler(clock, down)
+    waits = []
+    for _ in range(5):  # five ticks, a second apart, with the broker down
+        waits.append(beat.tick_database())
+        clock.advance(1)
+    assert all(wait > 0 for wait in waits) and waits[1] > waits[0], "beat backs off"
+    # nothing new was claimed while the first run could not be published
+    assert list(Run.objects.values_list("slot", "state")) == [(T0, Run.CLAIMED)]
+    up = StubDispatcher()
+    beat.stub = up
+    beat.tick_database()
+    # the late run goes first, then one run for the slots missed meanwhile (coalesced: it carries
+    # the first of them), and the task is back on its grid
+    assert [m.args[3] for m in up.sent] == [T0.isoformat(), (T0 + timedelta(seconds=1)).isoformat()]
+    assert set(Run.objects.values_list("state", flat=True)) == {Run.PUBLISHED}
+    assert Task.objects.get(pk=task.pk).next_run == clock() + timedelta(seconds=1)
+
+
+def test_runs_a_dead_beat_left_claimed_are_published_by_another() -> None:
+    clock = Clock(T0)
+    every_second()
+    engine.claim_due(T0, 100, "dead:1")  # claimed, never published: its beat was killed
+    survivor_stub = StubDispatcher()
+    survivor = scheduler(clock, survivor_stub)
+    clock.advance(Scheduler.republish_after + 1)
+    survivor._upkeep_at = 0.0
+    survivor.tick_database()
+    runs = dict(Run.objects.values_list("slot", "beat"))
+    assert runs[T0] == survivor.ident, "the dead beat's run was taken over"
+    assert T0.isoformat() in [m.args[3] for m in survivor_stub.sent]
+    assert set(Run.objects.values_list("state", flat=True)) == {Run.PUBLISHED}
+
+
+def test_leases_are_judged_only_after_a_whole_lease_with_the_database() -> None:
+    clock = Clock(T0)
+    task = every_second(allow_overlap=False)
+    beat = scheduler(clock, StubDispatcher())
+    beat.tick_database()
+    engine.start(Task.objects.get(pk=task.pk), T0, "w1", T0)
+    clock.advance(400)  # the worker went silent; its lease lapsed long ago
+    beat._upkeep_at = 0.0
+    beat.tick_database()
+    assert Run.objects.get(slot=T0).state == Run.STARTED, "judged lapsed before beat saw a whole lease"
+    beat._lapse_after = 0.0
+    beat._upkeep_at = 0.0
+    beat.tick_database()
+    assert Run.objects.get(slot=T0).state == Run.LOST
+
+
+def test_a_database_error_backs_off_and_holds_lease_judgement(monkeypatch: pytest.MonkeyPatch) -> None:
+    beat = scheduler(Clock(T0), StubDispatcher())
+    beat._lapse_after = 0.0
+
+    def broken() -> None:
+        raise DatabaseError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(beat, "earliest_next_run", broken)
+    first, second = beat.tick_database(), beat.tick_database()
+    assert 0 < first < second
+    assert beat._lapse_after > 0.0, "a lapse is judged again only after a whole lease with the database"
