@@ -17,7 +17,7 @@ from django.contrib.admin.utils import quote, unquote
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import connections
-from django.db.models import Q, QuerySet
+from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -26,18 +26,22 @@ from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 from django.utils.timesince import timesince, timeuntil
 from django_celery_results.models import TaskResult
-from kombu.exceptions import OperationalError as BrokerError
 
-from . import conf, schedules
+from . import conf, engine, schedules
 from .callables import CallableError, check_allowed
+from .dispatch import BrokerUnavailable
 from .forms import TaskForm
-from .models import FAR_FUTURE, HAS_NOT_RUN, BeatProcess, Task
-from .tasks import TaskBusy, run_now
+from .models import FAR_FUTURE, HAS_NOT_RUN, BeatProcess, Run, Task
+from .tasks import NotSent, TaskBusy, run_now
 
 logger = logging.getLogger("sisy_celery.admin")
 
 PREVIEW_COUNT = 5
 RUNS_PER_PAGE = 20
+#: The last page of run history whose row offset fits the 64-bit integer databases take for OFFSET.
+LAST_RUNS_PAGE = (2**63 - 1) // RUNS_PER_PAGE - 1
+#: Seconds after which a published run that no worker started is worth a warning.
+WAITING_AFTER = 60.0
 _DESCRIBE_OPTIONS = Options()
 _DESCRIBE_OPTIONS.use_24hour_time_format = True
 
@@ -156,8 +160,8 @@ class TaskAdmin(admin.ModelAdmin):
     show_full_result_count = False
     actions = ("enable_tasks", "disable_tasks", "run_tasks_now", "clear_running")
     state_fields = (
-        "next_run_display", "last_run_display", "last_result", "running", "in_flight", "lease_expires",
-        "claimed_slot", "problem", "finished_at", "created_at", "modified_at",
+        "next_run_display", "last_run_display", "last_result", "running", "problem", "finished_at",
+        "created_at", "modified_at",
     )
     readonly_fields = ("next_runs", "callable_display", *state_fields)
 
@@ -267,35 +271,44 @@ class TaskAdmin(admin.ModelAdmin):
 
     @admin.action(description="Clear a stuck running flag", permissions=["change"])
     def clear_running(self, request: HttpRequest, queryset: QuerySet[Task]) -> None:
-        stuck = list(queryset.filter(Q(running=True) | Q(in_flight__gt=0)).values_list("pk", flat=True))
-        count = Task.objects.filter(pk__in=stuck).update(running=False, in_flight=0, lease_expires=None)
+        """Give up the unsettled runs of the selected tasks as lost (a worker that is really running
+        one of them can no longer count it)."""
+        stuck = list(queryset.filter(running=True).values_list("pk", flat=True))
+        count = engine.abandon(stuck, timezone.now(), f"cleared by {request.user} in the admin")
         if stuck:
-            logger.warning("sisy running flag of task ids %s cleared by %s in the admin", stuck, request.user)
-        self.message_user(request, f"Running flag cleared on {count} task(s).", messages.SUCCESS)
+            logger.warning("sisy running flag of task ids %s cleared by %s in the admin (%d run(s) given up)",
+                           stuck, request.user, count)
+        self.message_user(request, f"Running flag cleared on {len(stuck)} task(s).", messages.SUCCESS)
 
     def send_now(self, request: HttpRequest, task: Task) -> None:
         """Send one run of ``task`` now and say so; refuse callables that are not allowed."""
         try:
             check_allowed(task._func_info or {})
-            result = run_now(task)
-        except CallableError as exc:
+            celery_id = run_now(task, by=f"admin:{request.user}")
+        except (CallableError, NotSent) as exc:
             self.message_user(request, f"{task} (id {task.pk}) not sent: {exc}", messages.ERROR)
         except TaskBusy as exc:
             self.message_user(request, str(exc), messages.WARNING)
-        except BrokerError as exc:  # run_now has handed the claim back
+        except BrokerUnavailable as exc:  # run_now has revoked the run it claimed
             logger.warning("sisy task id=%s label=%r could not be sent now: %s", task.pk, task.label, exc)
             self.message_user(request, f"{task} (id {task.pk}) not sent: the broker is unreachable ({exc}).",
                               messages.ERROR)
         else:
             logger.info("sisy task id=%s label=%r sent now by %s (id %s)",
-                        task.pk, task.label, request.user, result.id)
-            self.message_user(request, f"{task} (id {task.pk}) sent: Celery task id {result.id}.",
+                        task.pk, task.label, request.user, celery_id)
+            self.message_user(request, f"{task} (id {task.pk}) sent: Celery task id {celery_id}.",
                               messages.SUCCESS)
 
     def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
         action = request.POST.get("action") if request.method == "POST" else None
         if action and action not in self.get_actions(request):
             raise PermissionDenied  # e.g. a view-only user posting "run now"
+        if request.method == "GET":
+            waiting = engine.waiting(timezone.now(), WAITING_AFTER)
+            if waiting:
+                self.message_user(request, f"{waiting} run(s) were published more than {WAITING_AFTER:g} s ago and no "
+                                           f"worker has started them: is a worker running and listening on their "
+                                           f"queues?", messages.WARNING)
         return super().changelist_view(request, extra_context)
 
     # -- extra views --------------------------------------------------------------------
@@ -361,31 +374,31 @@ class TaskAdmin(admin.ModelAdmin):
         return super().render_change_form(request, context, add, change, form_url, obj)
 
     def run_history(self, request: HttpRequest, task: Task) -> dict[str, Any]:
-        """One page of the task's results from django-celery-results, in one query (no COUNT)."""
+        """One page of the task's runs from the ledger, newest slot first, with their results from
+        django-celery-results where it keeps them: two queries, no COUNT."""
         try:
-            page = max(1, int(request.GET.get("runs_page", "1")))
+            page = min(max(1, int(request.GET.get("runs_page", "1"))), LAST_RUNS_PAGE)
         except ValueError:
             page = 1
         start = (page - 1) * RUNS_PER_PAGE
-        rows = list(
-            TaskResult.objects.filter(periodic_task_name=task.result_tag)
-            .order_by("-date_created", "-id")
-            .only("id", "task_id", "status", "worker", "date_created", "date_started", "date_done")
-            [start:start + RUNS_PER_PAGE + 1]
-        )
+        rows = list(Run.objects.filter(task=task).order_by("-slot")[start:start + RUNS_PER_PAGE + 1])
+        shown = rows[:RUNS_PER_PAGE]
+        results = {result.task_id: result for result in TaskResult.objects.filter(
+            task_id__in=[run.celery_id for run in shown]).only("id", "task_id", "status")} if shown else {}
         linked = self.admin_site.is_registered(TaskResult) and request.user.has_perm(
             "django_celery_results.view_taskresult")
         zone = zone_or_none(task) or timezone.get_current_timezone()
         runs = []
-        for result in rows[:RUNS_PER_PAGE]:
-            started = result.date_started or result.date_created
-            duration = result.date_done - started if result.date_done and started else None
+        for run in shown:
+            result = results.get(run.celery_id)
+            duration = run.finished_at - run.started_at if run.finished_at and run.started_at else None
             runs.append({
-                "result": result,
-                "started": local_time(started, zone) if started else "",
+                "run": run,
+                "slot": local_time(run.slot, zone),
+                "lateness": f"{run.lateness.total_seconds():.3f} s" if run.lateness is not None else "",
                 "duration": f"{duration.total_seconds():.3f} s" if duration is not None else "",
                 "url": reverse(f"{self.admin_site.name}:django_celery_results_taskresult_change",
-                               args=[quote(result.pk)]) if linked else "",
+                               args=[quote(result.pk)]) if linked and result is not None else "",
             })
         return {
             "runs": runs,

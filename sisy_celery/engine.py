@@ -195,6 +195,8 @@ def claim_now(task: Task, now: datetime, by: str) -> Run:
         row = Task.objects.select_for_update().filter(pk=task.pk).first()
         if row is None:
             raise TaskBusy(f"Task {task.pk} no longer exists; not sent.")
+        if not row.enabled:
+            raise TaskBusy(f"Task {row.pk} ({row.label}) is disabled (or finished); enable it to run it. Not sent.")
         if busy(row, unsettled_counts([row.pk]).get(row.pk, 0)):
             raise TaskBusy(f"Task {row.pk} ({row.label}) is already running (overlap off) or its unfinished "
                            f"runs use up the iterations left; not sent.")

@@ -16,7 +16,7 @@ from typing import Any
 
 from celery import states
 from celery.signals import task_postrun, task_revoked, worker_init
-from django.db import DatabaseError, InterfaceError, close_old_connections, connection
+from django.db import InterfaceError, OperationalError, close_old_connections, connection
 from django.utils import timezone
 
 from . import conf, engine
@@ -36,15 +36,22 @@ def track(run: engine.Started, task: Task, request: Any) -> None:
 
 
 def settle(run: engine.Started, task: Task, state: str, error: str) -> None:
-    """Settle ``run``, retrying with backoff until the database answers."""
+    """Settle ``run``, retrying with backoff until the database answers.
+
+    Only a lost connection is retried. Run inside a caller's transaction (an eager ``apply()``
+    in a test or a view), the connection is the caller's to manage: settled once, no retry.
+    """
     pause = 0.2
     try:
+        if connection.in_atomic_block:
+            engine.settle(run, state, error, timezone.now(), task)
+            return
         while True:
             try:
                 close_old_connections()
                 engine.settle(run, state, error, timezone.now(), task)
                 return
-            except (DatabaseError, InterfaceError) as exc:
+            except (OperationalError, InterfaceError) as exc:
                 logger.warning("sisy task id=%s: could not record the end of the run for %s (%s: %s); retrying in %.1fs",
                                run.task_pk, run.slot.isoformat(), type(exc).__name__, exc, pause)
                 _close_connection()

@@ -16,12 +16,13 @@ from django.test.utils import CaptureQueriesContext, override_settings
 from django.urls import reverse
 from django.utils import timezone
 from django_celery_results.models import TaskResult
-from kombu.exceptions import OperationalError
 
-from sisy_celery import admin as sisy_admin, schedules
+from sisy_celery import admin as sisy_admin, conf, engine, schedules
 from sisy_celery.callables import CallableError, get_func_info
-from sisy_celery.models import FAR_FUTURE, HAS_NOT_RUN, BeatProcess, Task, check_userdata, task_with_callable
-from sisy_celery.tasks import TASK_NAME, message_args, run_callable
+from sisy_celery.dispatch import TASK_NAME, BrokerUnavailable, Dispatcher, Outgoing
+from sisy_celery.models import (FAR_FUTURE, HAS_NOT_RUN, BeatProcess, Run, Task, check_userdata, queue_problem,
+                                task_with_callable)
+from sisy_celery.tasks import run_callable
 from tests import celery_app
 from tests.testapp import jobs, models as test_models
 from tests.testapp.models import UuidWidget, Widget
@@ -38,14 +39,47 @@ def empty_broker() -> None:
 
 
 def make_task(label: str = "job", the_callable: Any = jobs.job, **fields: Any) -> Task:
-    state = {k: fields.pop(k) for k in ("running", "in_flight", "problem", "finished_at", "last_status",
-                                        "last_run", "lease_expires") if k in fields}
+    state = {k: fields.pop(k) for k in ("problem", "finished_at", "last_status", "last_run") if k in fields}
     task = task_with_callable(the_callable, label=label, **fields)
     task.save()
     if state:
         Task.objects.filter(pk=task.pk).update(**state)
         task.refresh_from_db()
     return task
+
+
+def make_busy(task: Task) -> Run:
+    """Give ``task`` a run that a worker has started and still holds (its lease is live)."""
+    now = timezone.now()
+    run = engine.claim_now(task, now, "test")
+    assert isinstance(engine.start(task, run.slot, "celery@busy", now), engine.Started)
+    task.refresh_from_db()
+    assert task.running
+    run.refresh_from_db()
+    return run
+
+
+T0 = datetime(2030, 1, 1, tzinfo=dt_timezone.utc)
+
+
+def ran(task: Task, n: int, state: str = "SUCCESS", error: str = "", late: float = 1, took: float = 2) -> Run:
+    """Run the slot ``T0 + n`` minutes of ``task`` through the ledger as beat and a worker would: started
+    ``late`` seconds after its slot by ``celery@host<n>``, settled ``took`` seconds later as ``state``."""
+    slot = T0 + timedelta(minutes=n)
+    run = engine.claim_now(task, slot, "test")
+    started = engine.start(task, slot, f"celery@host{n}", slot + timedelta(seconds=late))
+    assert isinstance(started, engine.Started)
+    assert engine.settle(started, state, error, started.started_at + timedelta(seconds=took),
+                         Task.objects.get(pk=task.pk))
+    run.refresh_from_db()
+    return run
+
+
+class RefusingDispatcher:
+    """A broker that refuses each message on its own, as for a queue it does not have."""
+
+    def publish(self, messages: Any) -> list[tuple[Outgoing, str]]:
+        return [(outgoing, "NOT_FOUND - no queue") for outgoing in messages]
 
 
 def change_url(task: Task) -> str:
@@ -130,7 +164,7 @@ def test_changelist_shows_problem_and_disabled(admin_client: Client) -> None:
 def test_changelist_filters_and_search(admin_client: Client, query: str, shown: set[str], hidden: set[str]) -> None:
     make_task("on")
     make_task("off", enabled=False)
-    make_task("busy", running=True, in_flight=1)
+    make_busy(make_task("busy"))
     make_task("broken", problem="bad")
     make_task("done", enabled=False, finished_at=timezone.now())
     make_task("solo", the_callable=jobs.no_params, allow_overlap=False)
@@ -146,6 +180,11 @@ def changelist_queries(client: Client, query: str = "") -> list[str]:
         response = client.get(reverse(CHANGELIST) + query)
     assert response.status_code == 200
     return [q["sql"] for q in captured.captured_queries]
+
+
+def task_counts(queries: list[str]) -> int:
+    """How many of ``queries`` count rows of the task table."""
+    return sum(re.search(r'SELECT COUNT\(.*FROM "SISY_CELERY_TASK"', sql.upper()) is not None for sql in queries)
 
 
 def bulk_tasks(count: int, start: int = 0) -> None:
@@ -167,9 +206,10 @@ def test_changelist_queries_do_not_grow_with_rows(admin_client: Client, query: s
     assert Task.objects.count() == 1000
     many = changelist_queries(admin_client, query)
     assert len(many) == len(few)
-    assert len(many) <= 5  # session, user, (PostgreSQL: row estimate,) count, one page of rows
+    # session, user, runs waiting for a worker, (PostgreSQL: row estimate,) count, one page of rows
+    assert len(many) <= 6
     # show_full_result_count is off: one COUNT for the paginator, never a second full-table one.
-    assert sum("COUNT(" in sql.upper() for sql in many) <= 1
+    assert task_counts(many) <= 1
 
 
 def test_unfiltered_count_of_many_tasks_is_estimated_on_postgresql(admin_client: Client,
@@ -184,12 +224,12 @@ def test_unfiltered_count_of_many_tasks_is_estimated_on_postgresql(admin_client:
         response = admin_client.get(reverse(CHANGELIST))
     sql = [q["sql"].upper() for q in captured.captured_queries]
     assert response.context["cl"].result_count == 30
-    assert sum("COUNT(" in q for q in sql) == (0 if postgres else 1)
+    assert task_counts(sql) == (0 if postgres else 1)
     assert any("RELTUPLES" in q for q in sql) == postgres
     with CaptureQueriesContext(connection) as captured:
         response = admin_client.get(reverse(CHANGELIST) + "?enabled__exact=1")
     assert response.context["cl"].result_count == 20  # filtered: always an exact count
-    assert sum("COUNT(" in q["sql"].upper() for q in captured.captured_queries) == 1
+    assert task_counts([q["sql"] for q in captured.captured_queries]) == 1
 
 
 def test_changelist_page_has_100_rows_with_1000_tasks(admin_client: Client) -> None:
@@ -197,7 +237,7 @@ def test_changelist_page_has_100_rows_with_1000_tasks(admin_client: Client) -> N
     with CaptureQueriesContext(connection) as captured:
         response = admin_client.get(reverse(CHANGELIST))
     assert len(response.context["cl"].result_list) == 100
-    assert len(captured.captured_queries) <= 5
+    assert len(captured.captured_queries) <= 6
     assert response.content.decode().count('class="action-select"') == 100
 
 
@@ -263,6 +303,8 @@ def test_preview_view_names_the_bad_field(admin_client: Client) -> None:
 # -- add and change forms ----------------------------------------------------------------------------
 
 
+# The worker settles the run in autocommit, as a worker process does (it closes stale connections first).
+@pytest.mark.django_db(transaction=True)
 def test_add_form_creates_a_working_task(admin_client: Client) -> None:
     response = admin_client.get(reverse("admin:sisy_celery_task_add"))
     assert response.status_code == 200
@@ -283,11 +325,13 @@ def test_add_form_creates_a_working_task(admin_client: Client) -> None:
     local = task.next_run.astimezone(ZoneInfo("Europe/Paris"))
     assert (local.hour, local.minute) == (2, 30) and task.next_run > timezone.now()
 
-    slot = timezone.now()
-    assert run_callable.apply(args=message_args(task, slot)).get() == "ok"
+    run = engine.claim_now(task, timezone.now(), "test")
+    assert run_callable.apply(args=[task.pk, task._func_info, task._extra_data, run.slot.isoformat()]).get() == "ok"
     name, message = test_models.CALLS[0]
     assert name == "job" and message["task"].pk == task.pk and message["userdata"] == {"account": 42}
-    assert message["scheduled_for"] == slot
+    assert message["scheduled_for"] == run.slot
+    run.refresh_from_db()
+    assert run.state == Run.SUCCEEDED
 
 
 def test_add_form_defaults_label_and_takes_window(admin_client: Client) -> None:
@@ -370,6 +414,26 @@ def test_add_form_errors_name_the_problem(admin_client: Client, overrides: dict[
     assert not Task.objects.exists()
 
 
+@pytest.mark.parametrize("queue, reason", [
+    ("amq.x", "names starting with 'amq.' are reserved by AMQP brokers"),
+    ("_kombu.binding.celery", "clashes with the keys kombu keeps in Redis"),
+    ("two words", "use only letters, digits and . _ : @ -"),
+])
+def test_form_refuses_a_queue_name_brokers_refuse(admin_client: Client, queue: str, reason: str) -> None:
+    response = admin_client.post(reverse("admin:sisy_celery_task_add"), form_data(label="routed", queue=queue))
+    assert response.status_code == 200
+    assert errors(response) == {"queue": [queue_problem(queue)]}
+    assert reason in queue_problem(queue)
+    assert not Task.objects.exists()
+
+    task = make_task("routed", queue="reports")
+    response = admin_client.post(change_url(task), form_data(label="routed", queue=queue))
+    assert response.status_code == 200
+    assert errors(response) == {"queue": [queue_problem(queue)]}
+    task.refresh_from_db()
+    assert task.queue == "reports"
+
+
 def test_bad_cron_error_names_the_field(admin_client: Client) -> None:
     response = admin_client.post(reverse("admin:sisy_celery_task_add"), form_data(schedule="0 9 * * 8"))
     assert response.status_code == 200
@@ -405,8 +469,8 @@ def test_add_form_refuses_path_leading_outside_allowed_module(admin_client: Clie
 
 
 def test_change_page_shows_form_preview_and_state(admin_client: Client) -> None:
-    task = make_task("weekly", schedule="0 9 * * 1", timezone="America/New_York", userdata={"k": [1, 2]},
-                     in_flight=1, running=True)
+    task = make_task("weekly", schedule="0 9 * * 1", timezone="America/New_York", userdata={"k": [1, 2]})
+    make_busy(task)
     response = admin_client.get(change_url(task))
     assert response.status_code == 200
     form = response.context["adminform"].form
@@ -421,7 +485,11 @@ def test_change_page_shows_form_preview_and_state(admin_client: Client) -> None:
     assert first.astimezone(ZoneInfo("America/New_York")).strftime("%Y-%m-%d %H:%M:%S %Z") in preview
     assert "At 09:00, only on Monday" in preview
     assert "Run now" in page and run_url(task) in page
-    assert "No runs recorded yet." in page
+    running = page[page.index("field-running"):]
+    assert 'alt="True"' in running[:running.index("field-problem")]
+    history = page[page.index('id="sisy-run-history"'):]
+    assert "celery@busy" in history and "No runs recorded yet." not in history
+    assert "No runs recorded yet." in admin_client.get(change_url(make_task("idle"))).content.decode()
 
 
 def test_change_form_edits_schedule_and_ignores_func_info(admin_client: Client) -> None:
@@ -477,21 +545,34 @@ def test_disable_action(admin_client: Client) -> None:
 
 
 def test_clear_running_action(admin_client: Client) -> None:
-    stuck = make_task("stuck", running=True, in_flight=2, lease_expires=timezone.now() + timedelta(hours=1))
+    stuck = make_task("stuck")
+    make_busy(stuck)
+    engine.claim_now(stuck, timezone.now() + timedelta(seconds=1), "test")  # claimed, never published
     idle = make_task("idle")
+    done = ran(idle, 1)
     response = action(admin_client, "clear_running", stuck, idle)
     assert "Running flag cleared on 1 task(s)." in texts(response)
     stuck.refresh_from_db()
-    assert (stuck.running, stuck.in_flight, stuck.lease_expires) == (False, 0, None)
+    assert not stuck.running
+    runs = list(Run.objects.filter(task_id=stuck.pk).values_list("state", "error", "lease_until"))
+    assert runs == [(Run.LOST, "cleared by admin in the admin", None)] * 2
+    assert not Run.objects.filter(task_id=stuck.pk, finished_at__isnull=True).exists()
+    assert Run.objects.get(pk=done.pk).state == Run.SUCCEEDED  # a settled run is left as it was
+    # The run left waiting to be sent no longer blocks the task.
+    (text,) = texts(action(admin_client, "run_tasks_now", stuck))
+    assert f"stuck (id {stuck.pk}) sent" in text
 
 
-def assert_published(task: Task) -> str:
+def published_run(task: Task) -> Run:
+    """The one message on the broker is that of the task's one run, which the ledger has as published."""
     (message,) = celery_app.published()
+    run = Run.objects.get(task_id=task.pk)
+    assert run.state == Run.PUBLISHED and run.lease_until > timezone.now()
     assert message.headers["task"] == TASK_NAME
+    assert message.headers["id"] == run.celery_id
     assert message.headers["periodic_task_name"] == task.result_tag
-    args = message.payload[0]
-    assert args[:3] == [task.pk, task._func_info, task._extra_data]
-    return message.headers["id"]
+    assert message.payload[0] == [task.pk, task._func_info, task._extra_data, run.slot.isoformat()]
+    return run
 
 
 def test_run_now_action_sends_and_claims(admin_client: Client) -> None:
@@ -500,21 +581,22 @@ def test_run_now_action_sends_and_claims(admin_client: Client) -> None:
     (text,) = texts(response)
     match = re.search(rf"now \(id {task.pk}\) sent: Celery task id ({UUID_RE})\.", text)
     assert match, text
-    assert assert_published(task) == match.group(1)
+    run = published_run(task)
+    assert run.celery_id == match.group(1)
+    assert run.beat == "admin:admin"
     task.refresh_from_db()
-    assert (task.in_flight, task.running) == (1, True)
-    assert task.claimed_slot is not None and task.lease_expires > timezone.now()
+    assert task.running and task.iterations == 2  # an iteration is used when the run settles
 
 
 def test_run_now_action_busy_is_a_warning(admin_client: Client) -> None:
-    task = make_task("solo", allow_overlap=False, running=True, in_flight=1,
-                     lease_expires=timezone.now() + timedelta(minutes=5))
+    task = make_task("solo", allow_overlap=False)
+    busy = make_busy(task)
     response = action(admin_client, "run_tasks_now", task)
     (message,) = list(get_messages(response.wsgi_request))
     assert message.level_tag == "warning" and "already running" in str(message)
     assert celery_app.published() == []
-    task.refresh_from_db()
-    assert task.in_flight == 1
+    assert list(Run.objects.filter(task_id=task.pk).values_list("pk", "state")) == [(busy.pk, Run.STARTED)]
+    assert Task.objects.get(pk=task.pk).running
 
 
 def test_run_now_view_confirms_then_sends(admin_client: Client) -> None:
@@ -522,37 +604,44 @@ def test_run_now_view_confirms_then_sends(admin_client: Client) -> None:
     response = admin_client.get(run_url(task))
     assert response.status_code == 200
     assert "Yes, run it now" in response.content.decode()
-    assert celery_app.published() == [] and Task.objects.get(pk=task.pk).in_flight == 0
+    assert celery_app.published() == [] and not Run.objects.exists()
 
     response = admin_client.post(run_url(task), follow=True)
     assert response.redirect_chain == [(change_url(task), 302)]
     (text,) = texts(response)
     celery_id = re.search(rf"Celery task id ({UUID_RE})", text).group(1)
-    assert assert_published(task) == celery_id
+    assert published_run(task).celery_id == celery_id
     assert celery_id in response.content.decode()
-    assert Task.objects.get(pk=task.pk).in_flight == 1
+    assert Task.objects.get(pk=task.pk).running
 
 
-def test_run_now_with_broker_down_is_an_error_and_hands_back_the_claim(admin_client: Client,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_now_with_broker_down_is_an_error_and_revokes_the_run(admin_client: Client,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     task = make_task("unlucky", iterations=1)
 
-    def broker_down(*args: Any, **kwargs: Any) -> None:
-        raise OperationalError("[Errno 111] Connection refused")
+    def broker_down(self: Dispatcher, messages: Any) -> list[tuple[Outgoing, str]]:
+        raise BrokerUnavailable("[Errno 111] Connection refused")
 
-    monkeypatch.setattr(celery_app.app, "send_task", broker_down)
+    monkeypatch.setattr(Dispatcher, "publish", broker_down)
     response = admin_client.post(run_url(task), follow=True)
     (message,) = list(get_messages(response.wsgi_request))
     assert message.level_tag == "error"
     assert str(message) == "unlucky (id %d) not sent: the broker is unreachable ([Errno 111] Connection refused)." % task.pk
+    run = Run.objects.get(task_id=task.pk)
+    assert (run.state, run.error) == (Run.REVOKED, "not sent: the broker was unreachable")
     task.refresh_from_db()
-    assert (task.in_flight, task.running, task.lease_expires) == (0, False, None)
+    assert (task.running, task.iterations) == (False, 1)
+    # The revoked run blocks nothing: with the broker back, the task is sent.
+    monkeypatch.undo()
+    admin_client.post(run_url(task))
+    (sent,) = celery_app.published()
+    assert sent.headers["id"] == Run.objects.get(task_id=task.pk, state=Run.PUBLISHED).celery_id
 
 
 def test_run_now_view_unknown_task_redirects(admin_client: Client) -> None:
     response = admin_client.post(reverse("admin:sisy_celery_task_run", args=[999]))
     assert response.status_code == 302 and response.url == reverse("admin:index")
-    assert celery_app.published() == []
+    assert celery_app.published() == [] and not Run.objects.exists()
 
 
 def test_run_now_refuses_disallowed_callable(admin_client: Client) -> None:
@@ -564,62 +653,91 @@ def test_run_now_refuses_disallowed_callable(admin_client: Client) -> None:
         response = action(admin_client, "run_tasks_now", task)
         assert any("is not allowed" in text for text in texts(response))
     assert celery_app.published() == []
-    task.refresh_from_db()
-    assert (task.in_flight, task.running) == (0, False)
+    assert not Run.objects.exists()
+    assert not Task.objects.get(pk=task.pk).running
 
 
 # -- run history ---------------------------------------------------------------------------------
 
 
-def result(task: Task, n: int, status: str = "SUCCESS", **fields: Any) -> TaskResult:
-    created = datetime(2030, 1, 1, tzinfo=dt_timezone.utc) + timedelta(minutes=n)
-    defaults = {"periodic_task_name": task.result_tag, "task_name": TASK_NAME, "status": status,
-                "worker": f"celery@host{n}", "date_created": created, "date_done": created + timedelta(seconds=2)}
-    defaults.update(fields)
-    row = TaskResult.objects.create(task_id=f"00000000-0000-0000-0000-{n:012d}", **defaults)
-    # date_created and date_done are automatic fields: set the test's times afterwards.
-    TaskResult.objects.filter(pk=row.pk).update(date_created=created, date_done=defaults["date_done"])
-    row.refresh_from_db()
-    return row
+def result(run: Run, status: str = "SUCCESS", **fields: Any) -> TaskResult:
+    """The django-celery-results row a worker stores for ``run``."""
+    return TaskResult.objects.create(task_id=run.celery_id, periodic_task_name=f"sisy:{run.task_id}",
+                                     task_name=TASK_NAME, status=status, worker=run.worker, **fields)
 
 
-def test_run_history_lists_runs_in_one_query(admin_client: Client) -> None:
-    task = make_task("history")
-    other = make_task("other")
-    result(other, 99)
-    ok = result(task, 1, date_started=datetime(2030, 1, 1, 0, 1, 1, tzinfo=dt_timezone.utc))
-    failed = result(task, 2, status="FAILURE", traceback="RuntimeError: boom")
+def cells(section: str) -> list[list[str]]:
+    """The text of each cell of each body row of the run history table."""
+    body = section[section.index("<tbody>"):section.index("</tbody>")]
+    return [[" ".join(re.sub(r"<[^>]+>", " ", cell).split()) for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+            for row in re.findall(r"<tr>(.*?)</tr>", body, re.S)]
+
+
+def test_run_history_reads_the_ledger_with_results_in_two_queries(admin_client: Client) -> None:
+    task = make_task("history", timezone="Europe/Paris")
+    ran(make_task("other"), 99)
+    ok = ran(task, 1, late=0.25, took=1)
+    failed = ran(task, 2, "FAILURE", "RuntimeError: boom", late=3, took=2)
+    waiting = engine.claim_now(task, T0 + timedelta(minutes=3), "test")
+    failed_result = result(failed, "FAILURE", traceback="RuntimeError: boom")
+    result(ok)
     context = sisy_admin.TaskAdmin(Task, sisy_admin.admin.site)
     request = Client().get("/").wsgi_request
     request.user = User.objects.create_superuser("root", password="pw")
     with CaptureQueriesContext(connection) as captured:
         history = context.run_history(request, task)
-    assert len(captured.captured_queries) == 1
-    assert [run["result"].pk for run in history["runs"]] == [failed.pk, ok.pk]
-    assert history["runs"][1]["duration"] == "1.000 s"
-    assert history["runs"][0]["duration"] == "2.000 s"
+    assert len(captured.captured_queries) == 2  # the runs, then their results
+    assert [item["run"].pk for item in history["runs"]] == [waiting.pk, failed.pk, ok.pk]
+    assert [item["lateness"] for item in history["runs"]] == ["", "3.000 s", "0.250 s"]
+    assert [item["duration"] for item in history["runs"]] == ["", "2.000 s", "1.000 s"]
+    assert history["runs"][0]["url"] == ""
 
     page = admin_client.get(change_url(task)).content.decode()
     section = page[page.index('id="sisy-run-history"'):]
-    assert "FAILURE" in section and "SUCCESS" in section and "celery@host2" in section
+    assert "<th scope=\"col\">Late by</th>" in section
+    assert cells(section) == [
+        ["2030-01-01 01:03:00 CET", "claimed", "", "", "", waiting.celery_id],
+        ["2030-01-01 01:02:00 CET", "failed RuntimeError: boom", "3.000 s", "2.000 s", "celery@host2", failed.celery_id],
+        ["2030-01-01 01:01:00 CET", "succeeded", "0.250 s", "1.000 s", "celery@host1", ok.celery_id],
+    ]
+    assert '<div class="errornote sisy-run-error">RuntimeError: boom</div>' in section
+    link = reverse("admin:django_celery_results_taskresult_change", args=[failed_result.pk])
+    assert f'<a href="{link}">{failed.celery_id}</a>' in section
     assert "celery@host99" not in section
-    assert reverse("admin:django_celery_results_taskresult_change", args=[failed.pk]) in section
-    assert "2030-01-01 00:01:01 UTC" in section
+
+
+def test_run_history_shows_a_lost_runs_reason_and_a_restarted_runs_attempt(admin_client: Client) -> None:
+    task = make_task("unlucky")
+    slot = T0 + timedelta(minutes=1)
+    run = engine.claim_now(task, slot, "test")
+    engine.start(task, run.slot, "celery@dead", slot)
+    lapsed = slot + timedelta(seconds=conf.running_timeout() + 1)
+    assert isinstance(engine.start(task, run.slot, "celery@second", lapsed), engine.Started)
+    lost = engine.claim_now(task, slot + timedelta(minutes=1), "test")
+    engine.publish([lost], RefusingDispatcher(), slot + timedelta(minutes=1))
+    rows = cells(admin_client.get(change_url(task)).content.decode())
+    assert [row[1] for row in rows] == [
+        "lost refused by the broker: NOT_FOUND - no queue", "started (attempt 2)"]
+    assert rows[1][4] == "celery@second"
 
 
 def test_run_history_pages(admin_client: Client) -> None:
     task = make_task("many runs")
     for n in range(sisy_admin.RUNS_PER_PAGE + 5):
-        result(task, n)
+        ran(task, n)
     first = admin_client.get(change_url(task)).context
     assert len(first["runs"]) == sisy_admin.RUNS_PER_PAGE
     assert (first["runs_previous"], first["runs_next"]) == (None, 2)
-    assert first["runs"][0]["result"].worker == f"celery@host{sisy_admin.RUNS_PER_PAGE + 4}"
+    assert first["runs"][0]["run"].worker == f"celery@host{sisy_admin.RUNS_PER_PAGE + 4}"
     second = admin_client.get(change_url(task) + "?runs_page=2").context
-    assert [run["result"].worker for run in second["runs"]] == [f"celery@host{n}" for n in range(4, -1, -1)]
+    assert [item["run"].worker for item in second["runs"]] == [f"celery@host{n}" for n in range(4, -1, -1)]
     assert (second["runs_previous"], second["runs_next"]) == (1, None)
     assert "Older" in admin_client.get(change_url(task)).content.decode()
     assert admin_client.get(change_url(task) + "?runs_page=x").context["runs_page"] == 1
+    assert "No older runs." in admin_client.get(change_url(task) + "?runs_page=3").content.decode()
+    # A page past any offset the database can take is an empty page, not a server error.
+    far = admin_client.get(change_url(task) + "?runs_page=" + "9" * 30)
+    assert far.status_code == 200 and "No older runs." in far.content.decode()
 
 
 # -- permissions and CSRF ------------------------------------------------------------------------
@@ -632,7 +750,7 @@ def test_anonymous_is_sent_to_login(client: Client) -> None:
         assert response.status_code == 302 and response.url.startswith(reverse("admin:login")), url
     response = client.post(run_url(task))
     assert response.status_code == 302 and response.url.startswith(reverse("admin:login"))
-    assert Task.objects.get(pk=task.pk).in_flight == 0
+    assert not Run.objects.exists() and not Task.objects.get(pk=task.pk).running
 
 
 def test_view_only_staff_cannot_edit_or_run() -> None:
@@ -654,7 +772,8 @@ def test_view_only_staff_cannot_edit_or_run() -> None:
     listing = viewer.get(reverse(CHANGELIST))
     assert listing.status_code == 200 and "run_tasks_now" not in listing.content.decode()
     task.refresh_from_db()
-    assert (task.label, task.enabled, task.in_flight) == ("guarded", True, 0)
+    assert (task.label, task.enabled, task.running) == ("guarded", True, False)
+    assert not Run.objects.exists()
     assert celery_app.published() == []
 
 
@@ -681,7 +800,7 @@ def test_csrf_is_enforced(admin_user: User) -> None:
     response = client.post(reverse(CHANGELIST), {"action": "run_tasks_now", "_selected_action": [task.pk]})
     assert response.status_code == 403
     assert client.post(change_url(task), form_data(label="x")).status_code == 403
-    assert Task.objects.get(pk=task.pk).in_flight == 0
+    assert not Run.objects.exists() and not Task.objects.get(pk=task.pk).running
     assert celery_app.published() == []
 
 

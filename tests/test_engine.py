@@ -466,6 +466,9 @@ def test_claim_now_follows_beats_rules() -> None:
         engine.claim_now(solo, T0 + timedelta(seconds=400), "x")
     engine.lapse(T0 + timedelta(seconds=400), 100)
     assert engine.claim_now(solo, T0 + timedelta(seconds=401), "x").state == Run.CLAIMED
+    off = make(due=None, enabled=False)
+    with pytest.raises(engine.TaskBusy, match="is disabled"):
+        engine.claim_now(off, T0, "x")
     gone = make(due=None)
     Task.objects.filter(pk=gone.pk).delete()
     with pytest.raises(engine.TaskBusy, match="no longer exists"):

@@ -18,8 +18,9 @@ from selenium.webdriver.support.ui import WebDriverWait
 from sisy_celery import schedules
 from sisy_celery.admin import local_time
 from sisy_celery.callables import get_func_info
-from sisy_celery.models import Task, task_with_callable
-from sisy_celery.tasks import TASK_NAME, run_callable
+from sisy_celery.dispatch import TASK_NAME
+from sisy_celery.models import Run, Task, task_with_callable
+from sisy_celery.tasks import run_callable
 from tests import celery_app
 from tests.testapp import jobs, models as test_models
 
@@ -140,25 +141,31 @@ def test_run_now_shows_the_run_in_history(browser: WebDriver, live_server: Any, 
     celery_id = published.headers["id"]
     assert f"Celery task id {celery_id}" in message.text
     assert published.headers["periodic_task_name"] == task.result_tag
+    run = Run.objects.get(task_id=task.pk)
+    assert (run.state, run.celery_id) == (Run.PUBLISHED, celery_id)
     task.refresh_from_db()
-    assert (task.in_flight, task.running) == (1, True)
+    assert task.running
 
     # Stand in for a worker: run the published message and store its result as the worker would.
     args = published.payload[0]
-    request = SimpleNamespace(periodic_task_name=task.result_tag, task=TASK_NAME, hostname="celery@standin",
-                              args=args, kwargs={}, argsrepr=None, kwargsrepr=None)
     outcome = run_callable.apply(args=args, task_id=celery_id)
     assert outcome.get() == "ok"
     assert test_models.CALLS[0][0] == "job" and test_models.CALLS[0][1]["userdata"] == {"account": 42}
+    run.refresh_from_db()
+    assert (run.state, run.attempt) == (Run.SUCCEEDED, 1) and run.worker
+    request = SimpleNamespace(periodic_task_name=task.result_tag, task=TASK_NAME, hostname=run.worker,
+                              args=args, kwargs={}, argsrepr=None, kwargsrepr=None)
     celery_app.app.backend.store_result(celery_id, outcome.get(), "SUCCESS", request=request)
     task.refresh_from_db()
-    assert (task.in_flight, task.running, task.iterations, task.last_status) == (0, False, 4, "SUCCESS")
+    assert (task.running, task.iterations, task.last_status) == (False, 4, "SUCCESS")
 
     browser.get(f"{live_server.url}/admin/sisy_celery/task/{task.pk}/change/")
     history = browser.find_element(By.ID, "sisy-run-history")
     row = history.find_element(By.CSS_SELECTOR, "tbody tr")
-    assert row.find_element(By.CSS_SELECTOR, ".sisy-run-state").text == "SUCCESS"
-    assert "celery@standin" in row.text
+    assert row.find_element(By.CSS_SELECTOR, ".sisy-run-state").text == "succeeded"
+    cells = [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+    assert cells[0] == local_time(run.slot, ZoneInfo("Europe/Paris"))
+    assert cells[2] == f"{run.lateness.total_seconds():.3f} s" and cells[4] == run.worker
     wait(browser).until(lambda b: "At 02:30" in preview_text(b))
     assert console_errors(browser) == []
     full_page_screenshot(browser, screenshot_dir / "change_page.png")

@@ -4,11 +4,11 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from kombu.exceptions import OperationalError as BrokerError
 
 from sisy_celery.callables import CallableError, check_allowed
 from sisy_celery.models import Task
-from sisy_celery.tasks import TaskBusy, run_now
+from sisy_celery.dispatch import BrokerUnavailable
+from sisy_celery.tasks import NotSent, TaskBusy, run_now
 
 
 def find_task(value: str) -> Task:
@@ -38,9 +38,9 @@ class Command(BaseCommand):
         found = find_task(task)
         try:
             check_allowed(found._func_info or {})
-            result = run_now(found)
-        except (CallableError, TaskBusy) as exc:
+            celery_id = run_now(found, by="sisy_run")
+        except (CallableError, TaskBusy, NotSent) as exc:
             raise CommandError(f"Task {found.pk} ({found.label}) not sent: {exc}") from None
-        except BrokerError as exc:  # run_now has handed the claim back
+        except BrokerUnavailable as exc:  # run_now has revoked the run it claimed
             raise CommandError(f"Task {found.pk} ({found.label}) not sent: the broker is unreachable ({exc}).") from None
-        self.stdout.write(f"Task {found.pk} ({found.label}) sent: Celery task id {result.id}")
+        self.stdout.write(f"Task {found.pk} ({found.label}) sent: Celery task id {celery_id}")
