@@ -32,7 +32,15 @@ def is_allowed(module_name: str, allowed: list[str] | None = None) -> bool:
 
 
 def check_allowed(info: dict[str, Any]) -> None:
-    """Refuse function info whose module or dotted paths are outside SISY_ALLOWED_MODULES."""
+    """Refuse function info whose paths, or the module that really defines its code, are not allowed.
+
+    The stored paths say where a callable is *reached*; its code may be defined elsewhere (a
+    method inherited from a base class, a function re-exported or given another ``__module__``),
+    so the code is found and its own module judged as well. Only paths already admitted are
+    imported for that.
+    """
+    if conf.allowed_modules() is None:
+        return
     module = info.get("module_name", "")
     path = info.get("func_path", "")
     if not isinstance(module, str) or not is_allowed(module):
@@ -41,6 +49,35 @@ def check_allowed(info: dict[str, Any]) -> None:
         value = info.get(key, "")
         if (key == "func_path" or key in info) and (not isinstance(value, str) or not is_allowed(value)):
             _refuse(path, "its path" if key == "func_path" else f"class {value!r}")
+    defined_in = defining_module(_code_of(info))
+    if not isinstance(defined_in, str) or not is_allowed(defined_in):
+        _refuse(path, f"its code, defined in module {defined_in!r},")
+
+
+def _code_of(info: dict[str, Any]) -> Any:
+    """The function object whose code runs for ``info`` (a model method is looked up on its class)."""
+    if info.get("func_type") == "instancemethod":
+        owner = import_attr(info.get("class_path"))
+        return inspect.getattr_static(owner, info.get("func_name") or "", None)
+    return func_from_string(info.get("func_path"))
+
+
+def defining_module(func: Any) -> str | None:
+    """The module whose code ``func`` runs: the module of its globals, not its ``__module__`` label.
+
+    A wrapper made with ``functools.wraps`` is judged by the function it decorates (the code
+    written in the scheduled module); a decorator library need not be allowed for it.
+    """
+    func = getattr(func, "__func__", func)
+    try:
+        inner = inspect.unwrap(func)
+    except ValueError:  # a __wrapped__ cycle
+        inner = func
+    code = inner if inspect.isfunction(inner) else func
+    if not inspect.isfunction(code):
+        return None
+    name = code.__globals__.get("__name__")
+    return name if isinstance(name, str) else None
 
 
 def _refuse(path: Any, what: str) -> None:
@@ -88,7 +125,7 @@ def get_func_info(the_callable: Any, pk_override: Any = None) -> dict[str, Any]:
 
 def _instance_info_from_path(path: str, func: Any, pk: Any) -> dict[str, Any]:
     """A dotted ``module.Model.method`` plus a primary key (used in data migrations)."""
-    owner = _import_attr(path.rsplit(".", 1)[0])
+    owner = import_attr(path.rsplit(".", 1)[0])
     if not _is_model_class(owner):
         _refuse_pk_override(path)
     # The model's own dotted path, as a worker will rebuild it (``path`` may go through a re-export).
@@ -181,7 +218,7 @@ def _encode(obj: Any, pk_override: Any) -> dict[str, Any]:
                 f"classes. Move the class to module level."
             )
         if len(parts) == 2:
-            owner = _import_attr(f"{obj.__module__}.{parts[0]}")
+            owner = import_attr(f"{obj.__module__}.{parts[0]}")
             if pk_override is not None:
                 if not _is_model_class(owner):
                     _refuse_pk_override(path)
@@ -260,7 +297,7 @@ def _check_round_trip(info: dict[str, Any], obj: Any) -> None:
         )
 
 
-def _import_attr(path: str) -> Any:
+def import_attr(path: str) -> Any:
     """Import the longest importable module prefix of ``path`` and walk the rest as attributes."""
     if not isinstance(path, str) or not path or len(path) > 500:
         raise CallableError(f"{path!r} is not a dotted path such as 'billing.jobs.close_day'.")
@@ -321,7 +358,7 @@ def func_from_string(path: str) -> Callable[..., Any]:
     if not is_allowed(path):
         # Checked before importing anything: importing a module runs its code.
         _refuse(path, "its path")
-    obj = _import_attr(path)
+    obj = import_attr(path)
     if inspect.ismodule(obj):
         raise CallableError(f"{path!r} is a module; name a function inside it.")
     if inspect.isclass(obj):
@@ -342,7 +379,7 @@ def resolve(info: dict[str, Any]) -> Callable[..., Any]:
         func = func_from_string(info.get("func_path"))
         _check_same(info, get_func_info(func))
         return func
-    cls = _import_attr(info.get("class_path"))
+    cls = import_attr(info.get("class_path"))
     if not _is_model_class(cls):
         raise CallableError(f"{info['class_path']!r} is no longer a Django model.")
     name = info.get("func_name", "")

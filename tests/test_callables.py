@@ -469,3 +469,82 @@ def test_call_arity_on_unreadable_signature():
 
     with pytest.raises(CallableError, match="'x' is not a callable object whose signature can be read."):
         call_arity(NoSignature(), "x")
+
+
+# -- the allow-list judges the module that defines the code ---------------------------------------
+
+VENDOR_REFUSED = "its code, defined in module 'tests.testapp.vendor', is not under SISY_ALLOWED_MODULES"
+DJANGO_REFUSED = "its code, defined in module 'django.db.models.base', is not under SISY_ALLOWED_MODULES"
+
+
+@pytest.mark.parametrize("thing, path, message", [
+    # a class method inherited from a base class defined elsewhere, reached through an allowed subclass
+    (jobs.VendorChild.inherited_class_job, f"{JOBS}.VendorChild.inherited_class_job", VENDOR_REFUSED),
+    (f"{JOBS}.VendorChild.inherited_class_job", f"{JOBS}.VendorChild.inherited_class_job", VENDOR_REFUSED),
+    # a static method inherited the same way: it is stored under the class that defines it
+    (jobs.VendorChild.inherited_static_job, "tests.testapp.vendor.VendorBase.inherited_static_job", "its path"),
+    (f"{JOBS}.VendorChild.inherited_static_job", "tests.testapp.vendor.VendorBase.inherited_static_job", "its path"),
+    # a function re-exported under the allowed module's name
+    (jobs.vendored_job, "tests.testapp.vendor.vendored_job", "its path"),
+    (f"{JOBS}.vendored_job", "tests.testapp.vendor.vendored_job", "its path"),
+    # a re-exported function whose __module__ claims the allowed module: its code says otherwise
+    (jobs.disguised_job, f"{JOBS}.disguised_job", VENDOR_REFUSED),
+    (f"{JOBS}.disguised_job", f"{JOBS}.disguised_job", VENDOR_REFUSED),
+])
+def test_allow_list_judges_the_module_that_defines_the_code(thing, path, message):
+    with override_settings(SISY_ALLOWED_MODULES=[JOBS]):
+        error = refused(thing, message)
+    assert error.startswith(f"Callable {path!r} is not allowed: ")
+    assert get_func_info(thing)["func_path"] == path  # allowed once every module is
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("name", ["delete", "refresh_from_db", "save"])
+def test_allow_list_refuses_a_model_method_inherited_from_django(name):
+    widget = Widget.objects.create(name="w")
+    with override_settings(SISY_ALLOWED_MODULES=["tests.testapp"]):
+        refused(getattr(widget, name), DJANGO_REFUSED)
+        refused(f"{MODELS}.Widget.{name}", DJANGO_REFUSED, pk_override=widget.pk)
+        with pytest.raises(CallableError, match=DJANGO_REFUSED):
+            check_allowed(instance_info(Widget, widget.pk, name))
+
+
+def test_allow_list_judges_a_wrapped_function_by_the_function_it_decorates():
+    with override_settings(SISY_ALLOWED_MODULES=[JOBS]):
+        info = get_func_info(jobs.vendor_decorated)
+        assert info["func_path"] == f"{JOBS}.vendor_decorated"
+        resolve(info)({"k": 1})
+    assert CALLS == [("vendor_decorated", {"k": 1})]
+
+
+@pytest.mark.parametrize("info", [
+    dict(CLASS_INFO, func_path=f"{JOBS}.VendorChild.inherited_class_job", func_name="inherited_class_job",
+         class_name="VendorChild", class_path=f"{JOBS}.VendorChild"),
+    dict(FUNCTION_INFO, func_path=f"{JOBS}.disguised_job", func_name="disguised_job"),
+])
+def test_worker_check_judges_the_defining_module_of_stored_function_info(info):
+    # The worker calls check_allowed on the message's function info before anything runs.
+    with override_settings(SISY_ALLOWED_MODULES=[JOBS]):
+        with pytest.raises(CallableError, match=VENDOR_REFUSED):
+            check_allowed(info)
+        with pytest.raises(CallableError, match=VENDOR_REFUSED):
+            resolve(info)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("path, pk", [
+    (f"{JOBS}.VendorChild.inherited_class_job", ""),
+    (f"{JOBS}.disguised_job", ""),
+    (f"{MODELS}.Widget.delete", "widget"),
+])
+def test_admin_form_refuses_code_defined_outside_the_allow_list(path, pk):
+    from sisy_celery.forms import TaskForm
+
+    widget = Widget.objects.create(name="w")
+    data = {"callable": path, "pk_override": str(widget.pk) if pk else "", "label": "x", "enabled": "on",
+            "schedule": "* * * * *", "timezone": "", "iterations": "0", "priority": "", "queue": "", "expires": "",
+            "userdata": "{}"}
+    with override_settings(SISY_ALLOWED_MODULES=[JOBS, MODELS]):
+        form = TaskForm(data=data)
+        assert not form.is_valid()
+    assert "its code, defined in module" in form.errors["callable"][0]

@@ -106,3 +106,16 @@ class CallableObject:
 callable_object = CallableObject()
 partial_job = functools.partial(two_params, other=1)
 some_widget = models.Widget(pk=1, name="module-level")
+
+
+# Reached through this module, defined in tests.testapp.vendor (allow-list indirection tests).
+from .vendor import VendorBase, disguised_job, logged, vendored_job  # noqa: E402,F401
+
+
+class VendorChild(VendorBase):
+    """Inherits a class and a static method whose code lives in tests.testapp.vendor."""
+
+
+@logged
+def vendor_decorated(message):
+    models.CALLS.append(("vendor_decorated", message))
