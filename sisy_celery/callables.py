@@ -12,6 +12,7 @@ import importlib
 import inspect
 from typing import Any, Callable
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 
 from . import conf
@@ -24,7 +25,7 @@ class CallableError(ValueError):
 
 
 def is_allowed(module_name: str, allowed: list[str] | None = None) -> bool:
-    """True if ``module_name`` is under one of the allowed prefixes (None allows every module)."""
+    """True if ``module_name`` is under one of the allowed prefixes (None: those of SISY_ALLOWED_MODULES)."""
     prefixes = conf.allowed_modules() if allowed is None else allowed
     if prefixes is None:
         return True
@@ -81,10 +82,12 @@ def defining_module(func: Any) -> str | None:
 
 
 def _refuse(path: Any, what: str) -> None:
-    raise CallableError(
-        f"Callable {path!r} is not allowed: {what} is not under "
-        f"SISY_ALLOWED_MODULES {conf.allowed_modules()!r}. Add its module prefix to that setting."
-    )
+    allowed = conf.allowed_modules()
+    if not allowed and getattr(settings, "SISY_ALLOWED_MODULES", None) is None:
+        fix = "SISY_ALLOWED_MODULES is not set and DEBUG is off, so no module is allowed. List your job modules in it."
+    else:
+        fix = "Add its module prefix to that setting."
+    raise CallableError(f"Callable {path!r} is not allowed: {what} is not under SISY_ALLOWED_MODULES {allowed!r}. {fix}")
 
 
 def call_arity(func: Callable[..., Any], path: str) -> int:

@@ -1,11 +1,13 @@
 """Django system checks for sisy-celery settings: misconfiguration fails at start, not at 3 a.m."""
 from __future__ import annotations
 
+import io
 import math
 from typing import Any
 
+from celery.signals import beat_init, worker_init
 from django.conf import settings
-from django.core.checks import Error, Warning, register
+from django.core.checks import Error, register
 
 from . import conf, schedules
 
@@ -30,21 +32,26 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
             id="sisy_celery.E002",
         ))
     allowed = getattr(settings, "SISY_ALLOWED_MODULES", None)
-    if allowed is not None and (
+    if allowed is not None and allowed != conf.ALLOW_ALL_MODULES and (
         isinstance(allowed, str)
         or not isinstance(allowed, (list, tuple, set, frozenset))
         or not all(isinstance(p, str) and p and all(part.isidentifier() for part in p.split(".")) for p in allowed)
+        or conf.ALLOW_ALL_MODULES in allowed  # meant as the value itself, not as a module prefix
     ):
         errors.append(Error(
-            f"SISY_ALLOWED_MODULES must be None or a list of dotted module prefixes, got {allowed!r}.",
+            f"SISY_ALLOWED_MODULES must be a list of dotted module prefixes or {conf.ALLOW_ALL_MODULES!r}, "
+            f"got {allowed!r}.",
             hint="For example SISY_ALLOWED_MODULES = ['billing.jobs', 'reports'].",
             id="sisy_celery.E003",
         ))
     elif allowed is None and not settings.DEBUG:
-        errors.append(Warning(
-            "SISY_ALLOWED_MODULES is not set, so a task may call any importable function.",
-            hint="List the module prefixes your scheduled callables live in, e.g. ['billing.jobs'].",
-            id="sisy_celery.W001",
+        errors.append(Error(
+            "SISY_ALLOWED_MODULES is not set: with DEBUG off no callable may be scheduled or run, and "
+            "anyone allowed to add a task could otherwise run any importable function.",
+            hint=f"List the module prefixes your scheduled callables live in, e.g. SISY_ALLOWED_MODULES = "
+                 f"['billing.jobs']; to allow every module, say so: SISY_ALLOWED_MODULES = "
+                 f"{conf.ALLOW_ALL_MODULES!r}.",
+            id="sisy_celery.E008",
         ))
     for name, default in (
         ("SISY_HEARTBEAT_FREQUENCY", conf.DEFAULT_HEARTBEAT_FREQUENCY),
@@ -70,3 +77,19 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
             id="sisy_celery.E007",
         ))
     return errors
+
+
+@beat_init.connect
+@worker_init.connect
+def refuse_to_start(**kwargs: Any) -> None:
+    """Beat and worker run the system checks at start and exit with their message, as runserver does.
+
+    Celery's own Django fix-up runs the checks in a worker but ignores what they find.
+    """
+    from django.core.management import call_command
+    from django.core.management.base import SystemCheckError
+
+    try:
+        call_command("check", stdout=io.StringIO(), stderr=io.StringIO())
+    except SystemCheckError as exc:
+        raise SystemExit(str(exc)) from None

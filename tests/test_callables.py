@@ -290,9 +290,22 @@ def test_callable_error_is_a_value_error():
         get_func_info(jobs.lam)
 
 
-def test_without_an_allow_list_any_importable_python_function_is_accepted():
-    # SISY_ALLOWED_MODULES = None (the default) allows any module; a system check warns (W001).
-    assert get_func_info("os.path.join")["func_path"] == "posixpath.join"
+def test_allowing_every_module_accepts_any_importable_python_function():
+    with override_settings(SISY_ALLOWED_MODULES="__all__"):
+        assert get_func_info("os.path.join")["func_path"] == "posixpath.join"
+    with override_settings(SISY_ALLOWED_MODULES=None, DEBUG=True):
+        assert get_func_info("os.path.join")["func_path"] == "posixpath.join"
+
+
+@pytest.mark.parametrize("thing", [jobs.job, f"{JOBS}.job", "os.path.join"])
+def test_without_an_allow_list_and_debug_off_nothing_is_accepted(thing):
+    # A web server that never runs the system checks (E008) still refuses every callable.
+    with override_settings(SISY_ALLOWED_MODULES=None, DEBUG=False):
+        message = refused(thing, "is not under SISY_ALLOWED_MODULES []. SISY_ALLOWED_MODULES is not set and DEBUG "
+                                 "is off, so no module is allowed.")
+        with pytest.raises(CallableError, match="is not set and DEBUG is off"):
+            check_allowed(FUNCTION_INFO)
+    assert message.startswith("Callable ")
 
 
 # -- the allow-list --------------------------------------------------------------------------------
@@ -314,8 +327,12 @@ def test_is_allowed_matches_on_module_boundaries(module, prefixes, allowed):
     assert is_allowed(module, prefixes) is allowed
 
 
-def test_is_allowed_without_setting_allows_all():
-    assert is_allowed("anything.at.all")
+def test_is_allowed_follows_the_setting():
+    assert is_allowed("anything.at.all")  # the test settings allow every module ('__all__')
+    with override_settings(SISY_ALLOWED_MODULES=None, DEBUG=False):
+        assert not is_allowed("tests.testapp.jobs")
+    with override_settings(SISY_ALLOWED_MODULES=None, DEBUG=True):
+        assert is_allowed("anything.at.all")
     with override_settings(SISY_ALLOWED_MODULES=["tests.testapp"]):
         assert is_allowed("tests.testapp.jobs")
         assert not is_allowed("tests.testapps.jobs")
