@@ -13,8 +13,9 @@ from typing import Any
 
 from cron_descriptor import ExpressionDescriptor, Options
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
 from django.contrib.admin.utils import quote, unquote
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
 from django.db import connections
 from django.db.models import Q, QuerySet
@@ -296,7 +297,19 @@ class TaskAdmin(admin.ModelAdmin):
         action = request.POST.get("action") if request.method == "POST" else None
         if action and action not in self.get_actions(request):
             raise PermissionDenied  # e.g. a view-only user posting "run now"
+        if action and not all(map(self._is_task_id, request.POST.getlist(helpers.ACTION_CHECKBOX_NAME))):
+            # Django's own actions would fail on the query (a 500): say so and do nothing.
+            self.message_user(request, "The selection is not a list of task ids; nothing was done.", messages.ERROR)
+            return HttpResponseRedirect(request.get_full_path())
         return super().changelist_view(request, extra_context)
+
+    def _is_task_id(self, value: str) -> bool:
+        """True if ``value`` can be looked up as a Task primary key (a number the column can hold)."""
+        try:
+            pk = self.model._meta.pk.to_python(value)
+        except ValidationError:
+            return False
+        return not isinstance(pk, int) or -(2 ** 63) <= pk < 2 ** 63
 
     # -- extra views --------------------------------------------------------------------
 
