@@ -102,7 +102,12 @@ def call_arity(func: Callable[..., Any], path: str) -> int:
         signature = inspect.signature(func)
     except (TypeError, ValueError):
         raise CallableError(f"{path!r} is not a callable object whose signature can be read.") from None
+    positional = [p for p in signature.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     for args in ((object(),), ()):
+        # Exactly (message) or (): a further positional parameter, even with a default, means the
+        # callable is something else (Task.run_once(the_callable, userdata=None) binds one argument too).
+        if len(positional) > len(args):
+            continue
         try:
             signature.bind(*args)
         except TypeError:
@@ -110,8 +115,30 @@ def call_arity(func: Callable[..., Any], path: str) -> int:
         return len(args)
     raise CallableError(
         f"{path!r} has the signature {signature}; a scheduled callable must take one argument "
-        f"(message) or none, e.g. 'def job(message): ...'."
+        f"(message) or none, e.g. 'def job(message): ...'. Other parameters, even with defaults, are "
+        f"never filled in: make them keyword-only (after *) or read them from message['userdata']."
     )
+
+
+def _is_celery_task(obj: Any) -> bool:
+    """A Celery task object (``@shared_task``, ``@app.task``), also behind shared_task's lazy proxy."""
+    from celery.app.task import Task as CeleryTask
+
+    try:
+        return isinstance(obj, CeleryTask)
+    except Exception:  # a lazy proxy that cannot be evaluated is no task that could be scheduled
+        return False
+
+
+def _refuse_celery_task(obj: Any, path: str) -> None:
+    if _is_celery_task(obj):
+        raise CallableError(
+            f"{path!r} is a Celery task (@shared_task or @app.task), not a plain function; sisy runs "
+            f"callables inside its own Celery task and does not schedule task objects. Schedule a plain "
+            f"module-level function holding the body instead (def job(message): ...) and call it from the "
+            f"Celery task if you still need that; or put the Celery task itself in Celery's beat_schedule, "
+            f"which runs beside sisy's tasks."
+        )
 
 
 def get_func_info(the_callable: Any, pk_override: Any = None) -> dict[str, Any]:
@@ -240,6 +267,7 @@ def _encode(obj: Any, pk_override: Any) -> dict[str, Any]:
         call_arity(obj, path)
         _check_round_trip(info, obj)
         return info
+    _refuse_celery_task(obj, getattr(obj, "name", None) or repr(obj))
     raise CallableError(
         f"{obj!r} is not a function or method. Schedule a module-level function, a static or class "
         f"method, a saved model instance's method, or a dotted path to one of those."
@@ -263,7 +291,8 @@ def _path_of(obj: Any) -> str:
 def _is_model_class(obj: Any) -> bool:
     from django.db import models
 
-    return inspect.isclass(obj) and issubclass(obj, models.Model)
+    # Django's Model itself has no _meta: its methods are reached through a real model.
+    return inspect.isclass(obj) and issubclass(obj, models.Model) and hasattr(obj, "_meta")
 
 
 def _real_model(cls: type) -> type:
@@ -367,6 +396,7 @@ def func_from_string(path: str) -> Callable[..., Any]:
     if inspect.isclass(obj):
         raise CallableError(f"{path!r} is a class; name a function or method, not the class.")
     if not (inspect.isfunction(obj) or inspect.ismethod(obj)):
+        _refuse_celery_task(obj, path)
         raise CallableError(
             f"{path!r} ({type(obj).__name__}) is not a function or method that can be scheduled."
         )

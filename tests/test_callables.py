@@ -516,7 +516,7 @@ def test_allow_list_judges_the_module_that_defines_the_code(thing, path, message
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("name", ["delete", "refresh_from_db", "save"])
+@pytest.mark.parametrize("name", ["clean", "clean_fields", "get_deferred_fields"])  # (message) or () signatures
 def test_allow_list_refuses_a_model_method_inherited_from_django(name):
     widget = Widget.objects.create(name="w")
     with override_settings(SISY_ALLOWED_MODULES=["tests.testapp"]):
@@ -552,7 +552,7 @@ def test_worker_check_judges_the_defining_module_of_stored_function_info(info):
 @pytest.mark.parametrize("path, pk", [
     (f"{JOBS}.VendorChild.inherited_class_job", ""),
     (f"{JOBS}.disguised_job", ""),
-    (f"{MODELS}.Widget.delete", "widget"),
+    (f"{MODELS}.Widget.clean_fields", "widget"),
 ])
 def test_admin_form_refuses_code_defined_outside_the_allow_list(path, pk):
     from sisy_celery.forms import TaskForm
@@ -565,3 +565,66 @@ def test_admin_form_refuses_code_defined_outside_the_allow_list(path, pk):
         form = TaskForm(data=data)
         assert not form.is_valid()
     assert "its code, defined in module" in form.errors["callable"][0]
+
+
+# -- the signature: (message) or (), in every form -------------------------------------------------
+
+SIGNATURE = "a scheduled callable must take one argument (message) or none"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("thing, kwargs", [
+    ("sisy_celery.models.Task.run_once", {}),  # a class method: (the_callable, userdata=None, ...)
+    ("sisy_celery.models.Task.run_iterations", {}),
+    (f"{JOBS}.job_with_extra_default", {}),  # a function
+    (jobs.job_with_extra_default, {}),
+    (f"{MODELS}.Widget.delete", {"pk_override": 1}),  # a model method by path: (using=None, keep_parents=False)
+])
+def test_signature_with_further_positional_parameters_is_refused(thing, kwargs):
+    refused(thing, SIGNATURE, **kwargs)
+
+
+@pytest.mark.django_db
+def test_signature_of_a_bound_model_method_is_checked():
+    widget = Widget.objects.create(name="w")
+    refused(widget.delete, "has the signature (using=None, keep_parents=False); " + SIGNATURE)
+    refused(widget.refresh_from_db, "has the signature (using=None, fields=None, from_queryset=None)")
+
+
+def test_task_with_callable_refuses_run_once():
+    from sisy_celery.models import task_with_callable
+
+    with pytest.raises(CallableError) as error:
+        task_with_callable("sisy_celery.models.Task.run_once")
+    assert str(error.value).startswith("'sisy_celery.models.Task.run_once' has the signature (the_callable: ")
+    assert SIGNATURE in str(error.value)
+
+
+def test_an_inherited_method_of_djangos_model_through_the_class_is_refused():
+    # Widget.delete is Model.delete: without an instance nothing says which model it is for.
+    refused(Widget.delete, "pk_override needs a Django model instance method", pk_override=1)
+
+
+def test_keyword_only_parameters_with_defaults_are_accepted():
+    info = get_func_info(jobs.job_with_keyword_only_extra)
+    assert call_arity(resolve(info), info["func_path"]) == 1
+    resolve(info)({})
+    assert CALLS == [("keyword_only_extra", 3)]
+
+
+CELERY_TASK = ("is a Celery task (@shared_task or @app.task), not a plain function; sisy runs callables inside "
+               "its own Celery task and does not schedule task objects. Schedule a plain module-level function "
+               "holding the body instead")
+
+
+@pytest.mark.parametrize("thing, name", [
+    (jobs.celery_shared_job, f"{JOBS}.celery_shared_job"),
+    (f"{JOBS}.celery_shared_job", f"{JOBS}.celery_shared_job"),
+    (jobs.celery_app_job, f"{JOBS}.celery_app_job"),
+    (f"{JOBS}.celery_app_job", f"{JOBS}.celery_app_job"),
+    ("sisy_celery.tasks.run_callable", "sisy.run_callable"),
+])
+def test_celery_task_objects_are_refused_with_what_to_pass_instead(thing, name):
+    message = refused(thing, CELERY_TASK)
+    assert message.startswith(repr(thing if isinstance(thing, str) else name))
+    assert "beat_schedule" in message

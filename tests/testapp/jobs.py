@@ -119,3 +119,27 @@ class VendorChild(VendorBase):
 @logged
 def vendor_decorated(message):
     models.CALLS.append(("vendor_decorated", message))
+
+
+# Celery task objects: refused, with what to schedule instead.
+from celery import shared_task  # noqa: E402
+
+from tests.celery_app import app  # noqa: E402
+
+
+@shared_task
+def celery_shared_job(message):
+    pass
+
+
+@app.task
+def celery_app_job(message):
+    pass
+
+
+def job_with_extra_default(message, retries=3):
+    pass
+
+
+def job_with_keyword_only_extra(message, *, retries=3):
+    models.CALLS.append(("keyword_only_extra", retries))
