@@ -45,24 +45,44 @@ _DESCRIBE_OPTIONS.use_24hour_time_format = True
 
 @lru_cache(maxsize=2048)
 def describe_schedule(schedule: str) -> str:
-    """A plain-English description of a cron string ("" if it is not valid).
+    """A plain-English description of a cron string as the scheduler reads it ("" if it is not valid).
 
-    cron-descriptor reads a 6-field string as *seconds first*, while our 6th field is
-    seconds, so the fields are rotated; if it still cannot describe the string, the
-    fields that are not ``*`` are listed by name.
+    The fields come from the scheduler's own parse (``5-5`` is already ``5``), and when both
+    day fields are restricted the description says whether a day must match both or either
+    (cron-descriptor guesses). cron-descriptor reads a 6-field string as *seconds first*,
+    while our 6th field is seconds, so the fields are rotated; if it still cannot describe the
+    string, the fields that are not ``*`` are listed by name.
     """
     try:
         fields = schedules.describe_fields(schedule)
+        rule = schedules.day_rule(schedule)
     except ValueError:
         return ""
     values = list(fields.values())
     if len(values) == 6:
         values = values[5:] + values[:5]
     try:
-        return ExpressionDescriptor(" ".join(values), _DESCRIBE_OPTIONS).get_description()
+        if rule is None:
+            return ExpressionDescriptor(" ".join(values), _DESCRIBE_OPTIONS).get_description()
+        return _describe_with_day_rule(values, rule)
     except Exception:  # cron-descriptor rejects some forms croniter accepts
         logger.debug("cron-descriptor cannot describe %r", schedule, exc_info=True)
         return ", ".join(f"{name} {value}" for name, value in fields.items() if value != "*")
+
+
+def _describe_with_day_rule(values: list[str], rule: str) -> str:
+    """Describe time, day of month, day of week and month, joined by the day rule in words."""
+    whole = ExpressionDescriptor(" ".join(values), _DESCRIBE_OPTIONS)
+    week_only = ExpressionDescriptor(" ".join(values[:-3] + ["*"] + values[-2:]), _DESCRIBE_OPTIONS)
+    week = week_only.get_day_of_week_description().removeprefix(", ")
+    if rule == "and":
+        days, note = f", and {week}", "the day must match both fields"
+    else:
+        days, note = f", or {week.removeprefix('only ')}", "a day matching either field is enough"
+    text = (f"{whole.get_time_of_day_description()}{whole.get_day_of_month_description()}{days}"
+            f"{whole.get_month_description()}{whole.get_year_description()} ({note})")
+    text = whole.transform_verbosity(text, use_verbose_format=_DESCRIBE_OPTIONS.verbose)
+    return ExpressionDescriptor.transform_case(text, _DESCRIBE_OPTIONS.casing_type)
 
 
 def upcoming(schedule: str, zone: tzinfo, after: datetime, count: int = PREVIEW_COUNT,
