@@ -13,8 +13,9 @@ from typing import Any
 
 from cron_descriptor import ExpressionDescriptor, Options
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
 from django.contrib.admin.utils import quote, unquote
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
 from django.db import connections
 from django.db.models import QuerySet
@@ -48,24 +49,44 @@ _DESCRIBE_OPTIONS.use_24hour_time_format = True
 
 @lru_cache(maxsize=2048)
 def describe_schedule(schedule: str) -> str:
-    """A plain-English description of a cron string ("" if it is not valid).
+    """A plain-English description of a cron string as the scheduler reads it ("" if it is not valid).
 
-    cron-descriptor reads a 6-field string as *seconds first*, while our 6th field is
-    seconds, so the fields are rotated; if it still cannot describe the string, the
-    fields that are not ``*`` are listed by name.
+    The fields come from the scheduler's own parse (``5-5`` is already ``5``), and when both
+    day fields are restricted the description says whether a day must match both or either
+    (cron-descriptor guesses). cron-descriptor reads a 6-field string as *seconds first*,
+    while our 6th field is seconds, so the fields are rotated; if it still cannot describe the
+    string, the fields that are not ``*`` are listed by name.
     """
     try:
         fields = schedules.describe_fields(schedule)
+        rule = schedules.day_rule(schedule)
     except ValueError:
         return ""
     values = list(fields.values())
     if len(values) == 6:
         values = values[5:] + values[:5]
     try:
-        return ExpressionDescriptor(" ".join(values), _DESCRIBE_OPTIONS).get_description()
+        if rule is None:
+            return ExpressionDescriptor(" ".join(values), _DESCRIBE_OPTIONS).get_description()
+        return _describe_with_day_rule(values, rule)
     except Exception:  # cron-descriptor rejects some forms croniter accepts
         logger.debug("cron-descriptor cannot describe %r", schedule, exc_info=True)
         return ", ".join(f"{name} {value}" for name, value in fields.items() if value != "*")
+
+
+def _describe_with_day_rule(values: list[str], rule: str) -> str:
+    """Describe time, day of month, day of week and month, joined by the day rule in words."""
+    whole = ExpressionDescriptor(" ".join(values), _DESCRIBE_OPTIONS)
+    week_only = ExpressionDescriptor(" ".join(values[:-3] + ["*"] + values[-2:]), _DESCRIBE_OPTIONS)
+    week = week_only.get_day_of_week_description().removeprefix(", ")
+    if rule == "and":
+        days, note = f", and {week}", "the day must match both fields"
+    else:
+        days, note = f", or {week.removeprefix('only ')}", "a day matching either field is enough"
+    text = (f"{whole.get_time_of_day_description()}{whole.get_day_of_month_description()}{days}"
+            f"{whole.get_month_description()}{whole.get_year_description()} ({note})")
+    text = whole.transform_verbosity(text, use_verbose_format=_DESCRIBE_OPTIONS.verbose)
+    return ExpressionDescriptor.transform_case(text, _DESCRIBE_OPTIONS.casing_type)
 
 
 def upcoming(schedule: str, zone: tzinfo, after: datetime, count: int = PREVIEW_COUNT,
@@ -303,6 +324,10 @@ class TaskAdmin(admin.ModelAdmin):
         action = request.POST.get("action") if request.method == "POST" else None
         if action and action not in self.get_actions(request):
             raise PermissionDenied  # e.g. a view-only user posting "run now"
+        if action and not all(map(self._is_task_id, request.POST.getlist(helpers.ACTION_CHECKBOX_NAME))):
+            # Django's own actions would fail on the query (a 500): say so and do nothing.
+            self.message_user(request, "The selection is not a list of task ids; nothing was done.", messages.ERROR)
+            return HttpResponseRedirect(request.get_full_path())
         if request.method == "GET":
             waiting = engine.waiting(timezone.now(), WAITING_AFTER)
             if waiting:
@@ -310,6 +335,14 @@ class TaskAdmin(admin.ModelAdmin):
                                            f"worker has started them: is a worker running and listening on their "
                                            f"queues?", messages.WARNING)
         return super().changelist_view(request, extra_context)
+
+    def _is_task_id(self, value: str) -> bool:
+        """True if ``value`` can be looked up as a Task primary key (a number the column can hold)."""
+        try:
+            pk = self.model._meta.pk.to_python(value)
+        except ValidationError:
+            return False
+        return not isinstance(pk, int) or -(2 ** 63) <= pk < 2 ** 63
 
     # -- extra views --------------------------------------------------------------------
 

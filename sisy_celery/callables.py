@@ -12,6 +12,7 @@ import importlib
 import inspect
 from typing import Any, Callable
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 
 from . import conf
@@ -24,7 +25,7 @@ class CallableError(ValueError):
 
 
 def is_allowed(module_name: str, allowed: list[str] | None = None) -> bool:
-    """True if ``module_name`` is under one of the allowed prefixes (None allows every module)."""
+    """True if ``module_name`` is under one of the allowed prefixes (None: those of SISY_ALLOWED_MODULES)."""
     prefixes = conf.allowed_modules() if allowed is None else allowed
     if prefixes is None:
         return True
@@ -32,7 +33,15 @@ def is_allowed(module_name: str, allowed: list[str] | None = None) -> bool:
 
 
 def check_allowed(info: dict[str, Any]) -> None:
-    """Refuse function info whose module or dotted paths are outside SISY_ALLOWED_MODULES."""
+    """Refuse function info whose paths, or the module that really defines its code, are not allowed.
+
+    The stored paths say where a callable is *reached*; its code may be defined elsewhere (a
+    method inherited from a base class, a function re-exported or given another ``__module__``),
+    so the code is found and its own module judged as well. Only paths already admitted are
+    imported for that.
+    """
+    if conf.allowed_modules() is None:
+        return
     module = info.get("module_name", "")
     path = info.get("func_path", "")
     if not isinstance(module, str) or not is_allowed(module):
@@ -41,13 +50,44 @@ def check_allowed(info: dict[str, Any]) -> None:
         value = info.get(key, "")
         if (key == "func_path" or key in info) and (not isinstance(value, str) or not is_allowed(value)):
             _refuse(path, "its path" if key == "func_path" else f"class {value!r}")
+    defined_in = defining_module(_code_of(info))
+    if not isinstance(defined_in, str) or not is_allowed(defined_in):
+        _refuse(path, f"its code, defined in module {defined_in!r},")
+
+
+def _code_of(info: dict[str, Any]) -> Any:
+    """The function object whose code runs for ``info`` (a model method is looked up on its class)."""
+    if info.get("func_type") == "instancemethod":
+        owner = import_attr(info.get("class_path"))
+        return inspect.getattr_static(owner, info.get("func_name") or "", None)
+    return func_from_string(info.get("func_path"))
+
+
+def defining_module(func: Any) -> str | None:
+    """The module whose code ``func`` runs: the module of its globals, not its ``__module__`` label.
+
+    A wrapper made with ``functools.wraps`` is judged by the function it decorates (the code
+    written in the scheduled module); a decorator library need not be allowed for it.
+    """
+    func = getattr(func, "__func__", func)
+    try:
+        inner = inspect.unwrap(func)
+    except ValueError:  # a __wrapped__ cycle
+        inner = func
+    code = inner if inspect.isfunction(inner) else func
+    if not inspect.isfunction(code):
+        return None
+    name = code.__globals__.get("__name__")
+    return name if isinstance(name, str) else None
 
 
 def _refuse(path: Any, what: str) -> None:
-    raise CallableError(
-        f"Callable {path!r} is not allowed: {what} is not under "
-        f"SISY_ALLOWED_MODULES {conf.allowed_modules()!r}. Add its module prefix to that setting."
-    )
+    allowed = conf.allowed_modules()
+    if not allowed and getattr(settings, "SISY_ALLOWED_MODULES", None) is None:
+        fix = "SISY_ALLOWED_MODULES is not set and DEBUG is off, so no module is allowed. List your job modules in it."
+    else:
+        fix = "Add its module prefix to that setting."
+    raise CallableError(f"Callable {path!r} is not allowed: {what} is not under SISY_ALLOWED_MODULES {allowed!r}. {fix}")
 
 
 def call_arity(func: Callable[..., Any], path: str) -> int:
@@ -62,7 +102,12 @@ def call_arity(func: Callable[..., Any], path: str) -> int:
         signature = inspect.signature(func)
     except (TypeError, ValueError):
         raise CallableError(f"{path!r} is not a callable object whose signature can be read.") from None
+    positional = [p for p in signature.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     for args in ((object(),), ()):
+        # Exactly (message) or (): a further positional parameter, even with a default, means the
+        # callable is something else (Task.run_once(the_callable, userdata=None) binds one argument too).
+        if len(positional) > len(args):
+            continue
         try:
             signature.bind(*args)
         except TypeError:
@@ -70,8 +115,30 @@ def call_arity(func: Callable[..., Any], path: str) -> int:
         return len(args)
     raise CallableError(
         f"{path!r} has the signature {signature}; a scheduled callable must take one argument "
-        f"(message) or none, e.g. 'def job(message): ...'."
+        f"(message) or none, e.g. 'def job(message): ...'. Other parameters, even with defaults, are "
+        f"never filled in: make them keyword-only (after *) or read them from message['userdata']."
     )
+
+
+def _is_celery_task(obj: Any) -> bool:
+    """A Celery task object (``@shared_task``, ``@app.task``), also behind shared_task's lazy proxy."""
+    from celery.app.task import Task as CeleryTask
+
+    try:
+        return isinstance(obj, CeleryTask)
+    except Exception:  # a lazy proxy that cannot be evaluated is no task that could be scheduled
+        return False
+
+
+def _refuse_celery_task(obj: Any, path: str) -> None:
+    if _is_celery_task(obj):
+        raise CallableError(
+            f"{path!r} is a Celery task (@shared_task or @app.task), not a plain function; sisy runs "
+            f"callables inside its own Celery task and does not schedule task objects. Schedule a plain "
+            f"module-level function holding the body instead (def job(message): ...) and call it from the "
+            f"Celery task if you still need that; or put the Celery task itself in Celery's beat_schedule, "
+            f"which runs beside sisy's tasks."
+        )
 
 
 def get_func_info(the_callable: Any, pk_override: Any = None) -> dict[str, Any]:
@@ -88,7 +155,7 @@ def get_func_info(the_callable: Any, pk_override: Any = None) -> dict[str, Any]:
 
 def _instance_info_from_path(path: str, func: Any, pk: Any) -> dict[str, Any]:
     """A dotted ``module.Model.method`` plus a primary key (used in data migrations)."""
-    owner = _import_attr(path.rsplit(".", 1)[0])
+    owner = import_attr(path.rsplit(".", 1)[0])
     if not _is_model_class(owner):
         _refuse_pk_override(path)
     # The model's own dotted path, as a worker will rebuild it (``path`` may go through a re-export).
@@ -181,7 +248,7 @@ def _encode(obj: Any, pk_override: Any) -> dict[str, Any]:
                 f"classes. Move the class to module level."
             )
         if len(parts) == 2:
-            owner = _import_attr(f"{obj.__module__}.{parts[0]}")
+            owner = import_attr(f"{obj.__module__}.{parts[0]}")
             if pk_override is not None:
                 if not _is_model_class(owner):
                     _refuse_pk_override(path)
@@ -200,6 +267,7 @@ def _encode(obj: Any, pk_override: Any) -> dict[str, Any]:
         call_arity(obj, path)
         _check_round_trip(info, obj)
         return info
+    _refuse_celery_task(obj, getattr(obj, "name", None) or repr(obj))
     raise CallableError(
         f"{obj!r} is not a function or method. Schedule a module-level function, a static or class "
         f"method, a saved model instance's method, or a dotted path to one of those."
@@ -223,7 +291,8 @@ def _path_of(obj: Any) -> str:
 def _is_model_class(obj: Any) -> bool:
     from django.db import models
 
-    return inspect.isclass(obj) and issubclass(obj, models.Model)
+    # Django's Model itself has no _meta: its methods are reached through a real model.
+    return inspect.isclass(obj) and issubclass(obj, models.Model) and hasattr(obj, "_meta")
 
 
 def _real_model(cls: type) -> type:
@@ -260,7 +329,7 @@ def _check_round_trip(info: dict[str, Any], obj: Any) -> None:
         )
 
 
-def _import_attr(path: str) -> Any:
+def import_attr(path: str) -> Any:
     """Import the longest importable module prefix of ``path`` and walk the rest as attributes."""
     if not isinstance(path, str) or not path or len(path) > 500:
         raise CallableError(f"{path!r} is not a dotted path such as 'billing.jobs.close_day'.")
@@ -321,12 +390,13 @@ def func_from_string(path: str) -> Callable[..., Any]:
     if not is_allowed(path):
         # Checked before importing anything: importing a module runs its code.
         _refuse(path, "its path")
-    obj = _import_attr(path)
+    obj = import_attr(path)
     if inspect.ismodule(obj):
         raise CallableError(f"{path!r} is a module; name a function inside it.")
     if inspect.isclass(obj):
         raise CallableError(f"{path!r} is a class; name a function or method, not the class.")
     if not (inspect.isfunction(obj) or inspect.ismethod(obj)):
+        _refuse_celery_task(obj, path)
         raise CallableError(
             f"{path!r} ({type(obj).__name__}) is not a function or method that can be scheduled."
         )
@@ -342,7 +412,7 @@ def resolve(info: dict[str, Any]) -> Callable[..., Any]:
         func = func_from_string(info.get("func_path"))
         _check_same(info, get_func_info(func))
         return func
-    cls = _import_attr(info.get("class_path"))
+    cls = import_attr(info.get("class_path"))
     if not _is_model_class(cls):
         raise CallableError(f"{info['class_path']!r} is no longer a Django model.")
     name = info.get("func_name", "")

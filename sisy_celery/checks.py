@@ -7,27 +7,25 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.core.checks import ERROR, Error, Warning, register, run_checks
+from django.core.checks import ERROR, Error, register, run_checks
 
 from . import conf, schedules
 
 logger = logging.getLogger("sisy_celery")
 
-#: The tag of every sisy check: beat and workers run these at start.
-TAG = "sisy_celery"
-
 
 def refuse_to_start(process: str) -> None:
-    """Run sisy's system checks in a starting beat or worker; exit non-zero with the message of each
-    error, so a global misconfiguration stops the process instead of being blamed on task rows."""
-    errors = [m for m in run_checks(tags=[TAG]) if m.level >= ERROR]
+    """Run the system checks in a starting beat or worker, as runserver does, and exit non-zero with the
+    message of each error: a global misconfiguration stops the process instead of being blamed on task
+    rows. (Celery's own Django fix-up runs the checks in a worker but ignores what they find.)"""
+    errors = [m for m in run_checks() if m.level >= ERROR]
     for message in errors:
         logger.error("sisy %s cannot start: %s", process, message)
     if errors:
         raise SystemExit(f"sisy {process} cannot start:\n" + "\n".join(str(m) for m in errors))
 
 
-@register(TAG)
+@register()
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
     errors: list[Any] = []
     try:
@@ -47,21 +45,26 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
             id="sisy_celery.E002",
         ))
     allowed = getattr(settings, "SISY_ALLOWED_MODULES", None)
-    if allowed is not None and (
+    if allowed is not None and allowed != conf.ALLOW_ALL_MODULES and (
         isinstance(allowed, str)
         or not isinstance(allowed, (list, tuple, set, frozenset))
         or not all(isinstance(p, str) and p and all(part.isidentifier() for part in p.split(".")) for p in allowed)
+        or conf.ALLOW_ALL_MODULES in allowed  # meant as the value itself, not as a module prefix
     ):
         errors.append(Error(
-            f"SISY_ALLOWED_MODULES must be None or a list of dotted module prefixes, got {allowed!r}.",
+            f"SISY_ALLOWED_MODULES must be a list of dotted module prefixes or {conf.ALLOW_ALL_MODULES!r}, "
+            f"got {allowed!r}.",
             hint="For example SISY_ALLOWED_MODULES = ['billing.jobs', 'reports'].",
             id="sisy_celery.E003",
         ))
     elif allowed is None and not settings.DEBUG:
-        errors.append(Warning(
-            "SISY_ALLOWED_MODULES is not set, so a task may call any importable function.",
-            hint="List the module prefixes your scheduled callables live in, e.g. ['billing.jobs'].",
-            id="sisy_celery.W001",
+        errors.append(Error(
+            "SISY_ALLOWED_MODULES is not set: with DEBUG off no callable may be scheduled or run, and "
+            "anyone allowed to add a task could otherwise run any importable function.",
+            hint=f"List the module prefixes your scheduled callables live in, e.g. SISY_ALLOWED_MODULES = "
+                 f"['billing.jobs']; to allow every module, say so: SISY_ALLOWED_MODULES = "
+                 f"{conf.ALLOW_ALL_MODULES!r}.",
+            id="sisy_celery.E008",
         ))
     for name, default in (
         ("SISY_HEARTBEAT_FREQUENCY", conf.DEFAULT_HEARTBEAT_FREQUENCY),
@@ -81,7 +84,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
                 f"{name} must be a {'whole ' if whole else ''}number greater than 0, got {value!r}.",
                 hint=f"Remove it to use the default ({default}) or set a positive number.",
                 id={"SISY_HEARTBEAT_FREQUENCY": "sisy_celery.E004", "SISY_RUNNING_TIMEOUT": "sisy_celery.E005",
-                    "SISY_BEAT_BATCH_SIZE": "sisy_celery.E006", "SISY_RUN_RETENTION": "sisy_celery.E008"}[name],
+                    "SISY_BEAT_BATCH_SIZE": "sisy_celery.E006", "SISY_RUN_RETENTION": "sisy_celery.E009"}[name],
             ))
     if not settings.USE_TZ:
         errors.append(Error(
@@ -90,3 +93,4 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
             id="sisy_celery.E007",
         ))
     return errors
+

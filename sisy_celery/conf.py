@@ -43,10 +43,20 @@ def run_retention() -> float:
     return value.total_seconds() if hasattr(value, "total_seconds") else float(value)
 
 
+ALLOW_ALL_MODULES = "__all__"
+
+
 def allowed_modules() -> list[str] | None:
-    """``SISY_ALLOWED_MODULES``: dotted module prefixes whose callables may run (None = any)."""
+    """``SISY_ALLOWED_MODULES``: dotted module prefixes whose callables may run (None = any module).
+
+    Any module only when the setting says so (``"__all__"``), or while it is unset and DEBUG is
+    on. Unset with DEBUG off allows none: a web server that skips the system checks (E008)
+    still refuses every callable rather than running any importable function.
+    """
     value = getattr(settings, "SISY_ALLOWED_MODULES", None)
-    return None if value is None else list(value)
+    if value == ALLOW_ALL_MODULES or (value is None and settings.DEBUG):
+        return None
+    return [] if value is None else list(value)
 
 
 def beat_batch_size() -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import sys
 import zoneinfo
 from datetime import datetime
 from functools import lru_cache
@@ -22,7 +21,7 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils.html import format_html, format_html_join
 
-from .callables import CallableError, func_from_string, get_func_info
+from .callables import CallableError, func_from_string, get_func_info, import_attr
 from .models import FAR_FUTURE, HAS_NOT_RUN, Task, check_userdata
 
 
@@ -46,13 +45,17 @@ class ZoneInput(forms.TextInput):
 
 
 def method_model(path: str) -> type[models.Model] | None:
-    """The model class if ``path`` names a plain method of a Django model, else None."""
+    """The model class if ``path`` names a plain method of a Django model, else None.
+
+    The model is the class the path goes through, not the one that defines the method: an
+    inherited method (``app.models.Book.delete`` is defined on Django's ``Model``) belongs to
+    the model it is reached through.
+    """
     func = func_from_string(path)
-    parts = getattr(func, "__qualname__", "").split(".")
-    if not inspect.isfunction(func) or len(parts) != 2:
+    if not inspect.isfunction(func):
         return None
-    owner = getattr(sys.modules.get(func.__module__), parts[0], None)
-    if not (inspect.isclass(owner) and issubclass(owner, models.Model)):
+    owner = import_attr(path.rsplit(".", 1)[0])
+    if not (inspect.isclass(owner) and issubclass(owner, models.Model) and hasattr(owner, "_meta")):
         return None
     if isinstance(inspect.getattr_static(owner, func.__name__, None), staticmethod):
         return None
@@ -69,6 +72,8 @@ def func_info_for(path: str, pk: str) -> dict[str, Any]:
         if pk:
             raise ValidationError({"pk_override": f"Leave this empty: {path!r} is not a method of a model."})
         return get_func_info(path)
+    if model._meta.abstract:
+        return get_func_info(path, pk_override=pk or None)  # refused, with the concrete model to use instead
     label = model._meta.label
     if not pk:
         raise ValidationError({"pk_override": (

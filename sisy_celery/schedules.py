@@ -1,5 +1,11 @@
 """Cron schedules: validation and the one function that computes the next run.
 
+Fields mean what they mean in Vixie cron and cronie, the crontabs people run: a
+range whose ends are equal is that one value (``5-5`` is minute 5, in every field,
+seconds included), and the two day fields are ANDed when either of them starts
+with ``*`` and ORed when both are restricted. croniter, which does the iterating,
+reads ``5-5`` as the whole field and always ORs, so fields are normalised first.
+
 Cron fields are read as local wall-clock time in a real time zone. Around DST
 changes we follow cronie/Vixie cron: a slot that falls in a skipped local hour
 runs at the first instant after the gap; a slot of a *fixed* hour that falls in
@@ -17,7 +23,7 @@ from croniter.croniter import CroniterBadDateError, CroniterError
 
 from . import conf
 
-__all__ = ["next_run", "validate", "describe_fields", "FIELD_NAMES"]
+__all__ = ["next_run", "validate", "describe_fields", "day_rule", "FIELD_NAMES"]
 
 FIELD_NAMES = ("minute", "hour", "day of month", "month", "day of week", "second")
 ALIASES = {
@@ -34,24 +40,69 @@ _FORMAT_HINT = (
     "seconds, e.g. '30 2 * * *' or '* * * * * */10'."
 )
 _RANDOM = re.compile(r"(?<![a-z])[rh](?![a-z])", re.IGNORECASE)
+_RANGE = re.compile(r"^([0-9a-z]+)-([0-9a-z]+)(/[0-9]+)?$", re.IGNORECASE)
+_NAMES = {
+    3: {name: number for number, name in enumerate(
+        ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), start=1)},
+    4: {name: number for number, name in enumerate(("sun", "mon", "tue", "wed", "thu", "fri", "sat"))},
+}
 _ONE_SECOND = timedelta(seconds=1)
 _UTC = dt_timezone.utc
 
 
-class Cron:
-    """A validated cron expression, ready to iterate over naive wall-clock times."""
+def _single_values(value: str, index: int) -> str:
+    """``value`` with each range whose ends are equal written as that one value (``5-5/2`` → ``5``)."""
+    items = []
+    for item in value.split(","):
+        match = _RANGE.match(item)
+        if match:
+            low, high = (_number(end, index) for end in match.group(1, 2))
+            if low is not None and low == high:
+                item = match.group(1)
+        items.append(item)
+    return ",".join(items)
 
-    __slots__ = ("expression", "fields", "wildcard_hour")
+
+def _number(token: str, index: int) -> int | None:
+    if token.isdigit():
+        return int(token)
+    return _NAMES.get(index, {}).get(token.lower())
+
+
+def _days_anded(fields: list[str]) -> bool:
+    """Vixie cron and cronie: the day fields are ANDed when either starts with ``*``, else ORed."""
+    return fields[2].startswith(("*", "?")) or fields[4].startswith(("*", "?"))
+
+
+class Cron:
+    """A validated cron expression in Vixie cron's reading, ready to iterate over naive wall times."""
+
+    __slots__ = ("expression", "fields", "wildcard_hour", "days_anded", "pattern")
 
     def __init__(self, expression: str) -> None:
         self.expression = expression
-        self.fields = ALIASES.get(expression.strip().lower(), expression).split()
+        fields = ALIASES.get(expression.strip().lower(), expression).split()
+        self.fields = [_single_values(value, index) for index, value in enumerate(fields)]
         hour = self.fields[1]
         self.wildcard_hour = hour.startswith("*") or "/" in hour
+        self.days_anded = _days_anded(self.fields)
+        days = self.fields[2::2][:2]
+        if not self.days_anded and _covers_every_day(self.fields):
+            # ORed with a field that names every day ('sun-sat', '1-31'): every day matches, where
+            # croniter would read a whole-week field as '*' and keep the other field alone.
+            days = ["*", "*"]
+        self.pattern = " ".join([*self.fields[:2], days[0], self.fields[3], days[1], *self.fields[5:]])
 
     def following(self, wall: datetime) -> datetime:
         """The first matching naive wall time strictly after ``wall``."""
-        return croniter(" ".join(self.fields), wall).get_next(datetime)
+        return croniter(self.pattern, wall, day_or=not self.days_anded).get_next(datetime)
+
+
+def _covers_every_day(fields: list[str]) -> bool:
+    expanded = croniter.expand(" ".join(fields))[0]
+    month_days, week_days = expanded[2], expanded[4]
+    return "*" in month_days or set(range(1, 32)) <= set(month_days) \
+        or "*" in week_days or set(range(7)) <= {day % 7 for day in week_days if isinstance(day, int)}
 
 
 def validate(schedule: object) -> str:
@@ -83,7 +134,7 @@ def _parse_cached(schedule: str) -> Cron:
                 f"use fixed numbers. {_FORMAT_HINT}"
             )
         probe = ["*"] * len(fields)
-        probe[index] = value
+        probe[index] = _single_values(value, index)
         if not croniter.is_valid(" ".join(probe)):
             raise ValueError(
                 f"Invalid cron schedule {schedule!r}: field {index + 1} ({FIELD_NAMES[index]}) "
@@ -109,8 +160,16 @@ def _parse(schedule: object) -> Cron:
 
 
 def describe_fields(schedule: str) -> dict[str, str]:
-    """Map field names to their values, for display (the schedule must be valid)."""
+    """Map field names to their values as the scheduler reads them (``5-5`` → ``5``), for display."""
     return dict(zip(FIELD_NAMES, _parse(schedule).fields))
+
+
+def day_rule(schedule: str) -> str | None:
+    """How the two day fields combine: "and", "or", or None when one of them is a plain ``*``."""
+    cron = _parse(schedule)
+    if {cron.fields[2], cron.fields[4]} & {"*", "?"}:
+        return None
+    return "and" if cron.days_anded else "or"
 
 
 def next_run(schedule: str, after: datetime, tz: str | tzinfo | None = None) -> datetime:

@@ -51,3 +51,5 @@ CELERY_BROKER_URL = "memory://"
 CELERY_RESULT_BACKEND = "django-db"
 CELERY_RESULT_EXTENDED = True
 SISY_HEARTBEAT_FREQUENCY = 1
+# Any module: the tests schedule callables of the stdlib and Django as well as their own.
+SISY_ALLOWED_MODULES = "__all__"

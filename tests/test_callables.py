@@ -290,9 +290,22 @@ def test_callable_error_is_a_value_error():
         get_func_info(jobs.lam)
 
 
-def test_without_an_allow_list_any_importable_python_function_is_accepted():
-    # SISY_ALLOWED_MODULES = None (the default) allows any module; a system check warns (W001).
-    assert get_func_info("os.path.join")["func_path"] == "posixpath.join"
+def test_allowing_every_module_accepts_any_importable_python_function():
+    with override_settings(SISY_ALLOWED_MODULES="__all__"):
+        assert get_func_info("os.path.join")["func_path"] == "posixpath.join"
+    with override_settings(SISY_ALLOWED_MODULES=None, DEBUG=True):
+        assert get_func_info("os.path.join")["func_path"] == "posixpath.join"
+
+
+@pytest.mark.parametrize("thing", [jobs.job, f"{JOBS}.job", "os.path.join"])
+def test_without_an_allow_list_and_debug_off_nothing_is_accepted(thing):
+    # A web server that never runs the system checks (E008) still refuses every callable.
+    with override_settings(SISY_ALLOWED_MODULES=None, DEBUG=False):
+        message = refused(thing, "is not under SISY_ALLOWED_MODULES []. SISY_ALLOWED_MODULES is not set and DEBUG "
+                                 "is off, so no module is allowed.")
+        with pytest.raises(CallableError, match="is not set and DEBUG is off"):
+            check_allowed(FUNCTION_INFO)
+    assert message.startswith("Callable ")
 
 
 # -- the allow-list --------------------------------------------------------------------------------
@@ -314,8 +327,12 @@ def test_is_allowed_matches_on_module_boundaries(module, prefixes, allowed):
     assert is_allowed(module, prefixes) is allowed
 
 
-def test_is_allowed_without_setting_allows_all():
-    assert is_allowed("anything.at.all")
+def test_is_allowed_follows_the_setting():
+    assert is_allowed("anything.at.all")  # the test settings allow every module ('__all__')
+    with override_settings(SISY_ALLOWED_MODULES=None, DEBUG=False):
+        assert not is_allowed("tests.testapp.jobs")
+    with override_settings(SISY_ALLOWED_MODULES=None, DEBUG=True):
+        assert is_allowed("anything.at.all")
     with override_settings(SISY_ALLOWED_MODULES=["tests.testapp"]):
         assert is_allowed("tests.testapp.jobs")
         assert not is_allowed("tests.testapps.jobs")
@@ -469,3 +486,145 @@ def test_call_arity_on_unreadable_signature():
 
     with pytest.raises(CallableError, match="'x' is not a callable object whose signature can be read."):
         call_arity(NoSignature(), "x")
+
+
+# -- the allow-list judges the module that defines the code ---------------------------------------
+
+VENDOR_REFUSED = "its code, defined in module 'tests.testapp.vendor', is not under SISY_ALLOWED_MODULES"
+DJANGO_REFUSED = "its code, defined in module 'django.db.models.base', is not under SISY_ALLOWED_MODULES"
+
+
+@pytest.mark.parametrize("thing, path, message", [
+    # a class method inherited from a base class defined elsewhere, reached through an allowed subclass
+    (jobs.VendorChild.inherited_class_job, f"{JOBS}.VendorChild.inherited_class_job", VENDOR_REFUSED),
+    (f"{JOBS}.VendorChild.inherited_class_job", f"{JOBS}.VendorChild.inherited_class_job", VENDOR_REFUSED),
+    # a static method inherited the same way: it is stored under the class that defines it
+    (jobs.VendorChild.inherited_static_job, "tests.testapp.vendor.VendorBase.inherited_static_job", "its path"),
+    (f"{JOBS}.VendorChild.inherited_static_job", "tests.testapp.vendor.VendorBase.inherited_static_job", "its path"),
+    # a function re-exported under the allowed module's name
+    (jobs.vendored_job, "tests.testapp.vendor.vendored_job", "its path"),
+    (f"{JOBS}.vendored_job", "tests.testapp.vendor.vendored_job", "its path"),
+    # a re-exported function whose __module__ claims the allowed module: its code says otherwise
+    (jobs.disguised_job, f"{JOBS}.disguised_job", VENDOR_REFUSED),
+    (f"{JOBS}.disguised_job", f"{JOBS}.disguised_job", VENDOR_REFUSED),
+])
+def test_allow_list_judges_the_module_that_defines_the_code(thing, path, message):
+    with override_settings(SISY_ALLOWED_MODULES=[JOBS]):
+        error = refused(thing, message)
+    assert error.startswith(f"Callable {path!r} is not allowed: ")
+    assert get_func_info(thing)["func_path"] == path  # allowed once every module is
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("name", ["clean", "clean_fields", "get_deferred_fields"])  # (message) or () signatures
+def test_allow_list_refuses_a_model_method_inherited_from_django(name):
+    widget = Widget.objects.create(name="w")
+    with override_settings(SISY_ALLOWED_MODULES=["tests.testapp"]):
+        refused(getattr(widget, name), DJANGO_REFUSED)
+        refused(f"{MODELS}.Widget.{name}", DJANGO_REFUSED, pk_override=widget.pk)
+        with pytest.raises(CallableError, match=DJANGO_REFUSED):
+            check_allowed(instance_info(Widget, widget.pk, name))
+
+
+def test_allow_list_judges_a_wrapped_function_by_the_function_it_decorates():
+    with override_settings(SISY_ALLOWED_MODULES=[JOBS]):
+        info = get_func_info(jobs.vendor_decorated)
+        assert info["func_path"] == f"{JOBS}.vendor_decorated"
+        resolve(info)({"k": 1})
+    assert CALLS == [("vendor_decorated", {"k": 1})]
+
+
+@pytest.mark.parametrize("info", [
+    dict(CLASS_INFO, func_path=f"{JOBS}.VendorChild.inherited_class_job", func_name="inherited_class_job",
+         class_name="VendorChild", class_path=f"{JOBS}.VendorChild"),
+    dict(FUNCTION_INFO, func_path=f"{JOBS}.disguised_job", func_name="disguised_job"),
+])
+def test_worker_check_judges_the_defining_module_of_stored_function_info(info):
+    # The worker calls check_allowed on the message's function info before anything runs.
+    with override_settings(SISY_ALLOWED_MODULES=[JOBS]):
+        with pytest.raises(CallableError, match=VENDOR_REFUSED):
+            check_allowed(info)
+        with pytest.raises(CallableError, match=VENDOR_REFUSED):
+            resolve(info)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("path, pk", [
+    (f"{JOBS}.VendorChild.inherited_class_job", ""),
+    (f"{JOBS}.disguised_job", ""),
+    (f"{MODELS}.Widget.clean_fields", "widget"),
+])
+def test_admin_form_refuses_code_defined_outside_the_allow_list(path, pk):
+    from sisy_celery.forms import TaskForm
+
+    widget = Widget.objects.create(name="w")
+    data = {"callable": path, "pk_override": str(widget.pk) if pk else "", "label": "x", "enabled": "on",
+            "schedule": "* * * * *", "timezone": "", "iterations": "0", "priority": "", "queue": "", "expires": "",
+            "userdata": "{}"}
+    with override_settings(SISY_ALLOWED_MODULES=[JOBS, MODELS]):
+        form = TaskForm(data=data)
+        assert not form.is_valid()
+    assert "its code, defined in module" in form.errors["callable"][0]
+
+
+# -- the signature: (message) or (), in every form -------------------------------------------------
+
+SIGNATURE = "a scheduled callable must take one argument (message) or none"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("thing, kwargs", [
+    ("sisy_celery.models.Task.run_once", {}),  # a class method: (the_callable, userdata=None, ...)
+    ("sisy_celery.models.Task.run_iterations", {}),
+    (f"{JOBS}.job_with_extra_default", {}),  # a function
+    (jobs.job_with_extra_default, {}),
+    (f"{MODELS}.Widget.delete", {"pk_override": 1}),  # a model method by path: (using=None, keep_parents=False)
+])
+def test_signature_with_further_positional_parameters_is_refused(thing, kwargs):
+    refused(thing, SIGNATURE, **kwargs)
+
+
+@pytest.mark.django_db
+def test_signature_of_a_bound_model_method_is_checked():
+    widget = Widget.objects.create(name="w")
+    refused(widget.delete, "has the signature (using=None, keep_parents=False); " + SIGNATURE)
+    refused(widget.refresh_from_db, "has the signature (using=None, fields=None, from_queryset=None)")
+
+
+def test_task_with_callable_refuses_run_once():
+    from sisy_celery.models import task_with_callable
+
+    with pytest.raises(CallableError) as error:
+        task_with_callable("sisy_celery.models.Task.run_once")
+    assert str(error.value).startswith("'sisy_celery.models.Task.run_once' has the signature (the_callable: ")
+    assert SIGNATURE in str(error.value)
+
+
+def test_an_inherited_method_of_djangos_model_through_the_class_is_refused():
+    # Widget.delete is Model.delete: without an instance nothing says which model it is for.
+    refused(Widget.delete, "pk_override needs a Django model instance method", pk_override=1)
+
+
+def test_keyword_only_parameters_with_defaults_are_accepted():
+    info = get_func_info(jobs.job_with_keyword_only_extra)
+    assert call_arity(resolve(info), info["func_path"]) == 1
+    resolve(info)({})
+    assert CALLS == [("keyword_only_extra", 3)]
+
+
+CELERY_TASK = ("is a Celery task (@shared_task or @app.task), not a plain function; sisy runs callables inside "
+               "its own Celery task and does not schedule task objects. Schedule a plain module-level function "
+               "holding the body instead")
+
+
+@pytest.mark.parametrize("thing, name", [
+    (jobs.celery_shared_job, f"{JOBS}.celery_shared_job"),
+    (f"{JOBS}.celery_shared_job", f"{JOBS}.celery_shared_job"),
+    (jobs.celery_app_job, f"{JOBS}.celery_app_job"),
+    (f"{JOBS}.celery_app_job", f"{JOBS}.celery_app_job"),
+    ("sisy_celery.tasks.run_callable", "sisy.run_callable"),
+])
+def test_celery_task_objects_are_refused_with_what_to_pass_instead(thing, name):
+    message = refused(thing, CELERY_TASK)
+    assert message.startswith(repr(thing if isinstance(thing, str) else name))
+    assert "beat_schedule" in message

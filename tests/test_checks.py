@@ -2,19 +2,25 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from django.core.checks import Error, Warning, run_checks
+from django.core.checks import Error, run_checks
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from django.test import override_settings
 
-from sisy_celery.checks import check_settings
+from sisy_celery.checks import check_settings, refuse_to_start
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
 def _allow_list(settings):
-    """pytest-django runs tests with DEBUG = False, where no allow-list is a warning (W001)."""
+    """pytest-django runs tests with DEBUG = False, where no allow-list is an error (E008)."""
     settings.SISY_ALLOWED_MODULES = ["tests.testapp"]
 
 
@@ -72,16 +78,16 @@ def test_unknown_time_zone(overrides, name):
 
 @pytest.mark.parametrize("allowed", [
     "tests.testapp", ["tests..testapp"], [""], [None], [".tests"], ["tests.testapp."], 42, {"tests": True},
-    ["tests-app"],
+    ["tests-app"], "*", ["*"], ["__all__"], "__ALL__",
 ])
 def test_bad_allow_list(allowed):
     with override_settings(SISY_ALLOWED_MODULES=allowed):
         message = only("sisy_celery.E003")
-    assert message.msg == f"SISY_ALLOWED_MODULES must be None or a list of dotted module prefixes, got {allowed!r}."
+    assert message.msg == f"SISY_ALLOWED_MODULES must be a list of dotted module prefixes or '__all__', got {allowed!r}."
     assert message.hint == "For example SISY_ALLOWED_MODULES = ['billing.jobs', 'reports']."
 
 
-@pytest.mark.parametrize("allowed", [[], ["tests"], ("a.b", "c"), ["tests.testapp.jobs"]])
+@pytest.mark.parametrize("allowed", [[], ["tests"], ("a.b", "c"), ["tests.testapp.jobs"], "__all__"])
 def test_good_allow_lists(allowed):
     with override_settings(SISY_ALLOWED_MODULES=allowed, DEBUG=False):
         assert sisy_messages() == []
@@ -125,11 +131,43 @@ def test_use_tz_false():
 
 
 @override_settings(DEBUG=False, SISY_ALLOWED_MODULES=None)
-def test_no_allow_list_in_production_warns():
-    message = only("sisy_celery.W001")
-    assert isinstance(message, Warning) and not isinstance(message, Error)
-    assert message.msg == "SISY_ALLOWED_MODULES is not set, so a task may call any importable function."
-    assert "List the module prefixes" in message.hint
+def test_no_allow_list_in_production_is_an_error():
+    message = only("sisy_celery.E008")
+    assert isinstance(message, Error)
+    assert message.msg.startswith("SISY_ALLOWED_MODULES is not set: with DEBUG off no callable may be scheduled")
+    assert message.hint == ("List the module prefixes your scheduled callables live in, e.g. SISY_ALLOWED_MODULES = "
+                            "['billing.jobs']; to allow every module, say so: SISY_ALLOWED_MODULES = '__all__'.")
+
+
+@override_settings(DEBUG=False, SISY_ALLOWED_MODULES=None)
+def test_no_allow_list_in_production_stops_manage_py_commands():
+    # runserver, like every command that runs the checks, refuses to start.
+    with pytest.raises(SystemCheckError, match=r"sisy_celery.E008"):
+        call_command("check", stdout=io.StringIO(), stderr=io.StringIO())
+
+
+UNSET_SETTINGS = """
+from tests.settings import *  # noqa: F403
+del SISY_ALLOWED_MODULES
+DEBUG = False
+"""
+
+
+@pytest.mark.parametrize("command", [["beat", "-S", "sisy_celery.Scheduler"], ["worker", "-P", "solo"]])
+def test_no_allow_list_in_production_stops_beat_and_worker(command, tmp_path):
+    (tmp_path / "unset_settings.py").write_text(UNSET_SETTINGS)
+    env = dict(os.environ, DJANGO_SETTINGS_MODULE="unset_settings",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]))
+    done = subprocess.run([sys.executable, "-m", "celery", "-A", "tests.celery_app", *command,
+                           *(["-s", str(tmp_path / "schedule")] if "beat" in command else [])],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "(sisy_celery.E008) SISY_ALLOWED_MODULES is not set" in done.stdout + done.stderr
+    assert "SISY_ALLOWED_MODULES = '__all__'" in done.stdout + done.stderr
+
+
+def test_beat_and_worker_start_check_passes_with_good_settings():
+    assert refuse_to_start("beat") is None
 
 
 @override_settings(DEBUG=True, SISY_ALLOWED_MODULES=None)
@@ -141,7 +179,7 @@ def test_no_allow_list_while_debugging_is_fine():
                    SISY_DEFAULT_SCHEDULE="bad")
 def test_several_problems_are_all_reported():
     assert sorted(m.id for m in sisy_messages()) == [
-        "sisy_celery.E001", "sisy_celery.E006", "sisy_celery.E007", "sisy_celery.W001",
+        "sisy_celery.E001", "sisy_celery.E006", "sisy_celery.E007", "sisy_celery.E008",
     ]
     assert all(m.hint for m in sisy_messages())
 

@@ -106,3 +106,40 @@ class CallableObject:
 callable_object = CallableObject()
 partial_job = functools.partial(two_params, other=1)
 some_widget = models.Widget(pk=1, name="module-level")
+
+
+# Reached through this module, defined in tests.testapp.vendor (allow-list indirection tests).
+from .vendor import VendorBase, disguised_job, logged, vendored_job  # noqa: E402,F401
+
+
+class VendorChild(VendorBase):
+    """Inherits a class and a static method whose code lives in tests.testapp.vendor."""
+
+
+@logged
+def vendor_decorated(message):
+    models.CALLS.append(("vendor_decorated", message))
+
+
+# Celery task objects: refused, with what to schedule instead.
+from celery import shared_task  # noqa: E402
+
+from tests.celery_app import app  # noqa: E402
+
+
+@shared_task
+def celery_shared_job(message):
+    pass
+
+
+@app.task
+def celery_app_job(message):
+    pass
+
+
+def job_with_extra_default(message, retries=3):
+    pass
+
+
+def job_with_keyword_only_extra(message, *, retries=3):
+    models.CALLS.append(("keyword_only_extra", retries))
