@@ -44,13 +44,15 @@ _DESCRIBE_OPTIONS.use_24hour_time_format = True
 
 @lru_cache(maxsize=2048)
 def describe_schedule(schedule: str) -> str:
-    """A plain-English description of a cron string ("" if it is not valid).
+    """A plain-English description of a schedule ("" if it is not valid).
 
-    cron-descriptor reads a 6-field string as *seconds first*, while our 6th field is
+    Intervals describe themselves ("every 90 seconds"). cron-descriptor reads a 6-field string as *seconds first*, while our 6th field is
     seconds, so the fields are rotated; if it still cannot describe the string, the
     fields that are not ``*`` are listed by name.
     """
     try:
+        if schedules.is_interval(schedule):
+            return schedules.describe_interval(schedule)
         fields = schedules.describe_fields(schedule)
     except ValueError:
         return ""
@@ -65,11 +67,12 @@ def describe_schedule(schedule: str) -> str:
 
 
 def upcoming(schedule: str, zone: tzinfo, after: datetime, count: int = PREVIEW_COUNT,
-             until: datetime = FAR_FUTURE) -> list[datetime]:
-    """The next ``count`` slots of ``schedule`` after ``after`` and not later than ``until``."""
+             until: datetime = FAR_FUTURE, anchor: datetime | None = None) -> list[datetime]:
+    """The next ``count`` slots of ``schedule`` after ``after`` and not later than ``until``
+    (an interval's slots count from ``anchor``, the task's start)."""
     runs: list[datetime] = []
     while len(runs) < count:
-        after = schedules.next_run(schedule, after, zone)
+        after = schedules.next_run(schedule, after, zone, anchor=anchor)
         if after > until:
             break
         runs.append(after)
@@ -94,6 +97,14 @@ def when(moment: datetime, zone: tzinfo, now: datetime) -> str:
     """Relative and absolute time in one cell, absolute in the task's zone."""
     return format_html('{}<br><span class="quiet" title="{}">{}</span>',
                        relative(moment, now), moment.isoformat(), local_time(moment, zone))
+
+
+def warning_list(warnings: list[str]) -> str:
+    """Warnings about a valid schedule, in the admin's message style."""
+    if not warnings:
+        return ""
+    return format_html('<ul class="messagelist"><li class="warning">{}</li></ul>',
+                       format_html_join("", "{}<br>", ((text,) for text in warnings)))
 
 
 def zone_or_none(task: Task) -> tzinfo | None:
@@ -230,15 +241,19 @@ class TaskAdmin(admin.ModelAdmin):
             zone = task.zone
             now = timezone.now()
             start = max(now, task.start_running)
-            runs = upcoming(task.schedule, zone, start - timedelta(microseconds=1), until=task.end_running)
+            runs = upcoming(task.schedule, zone, start - timedelta(microseconds=1), until=task.end_running,
+                            anchor=task.start_running)
+            warnings = schedules.schedule_warnings(task.schedule)
         except ValueError as exc:
             body = format_html('<p class="errornote">{}</p>', exc)
         else:
             items = format_html_join("", "<li>{} <span class=\"quiet\">({})</span></li>",
                                      ((local_time(run, zone), relative(run, now)) for run in runs))
-            body = format_html('<p class="quiet">{}</p><ol>{}</ol>', describe_schedule(task.schedule),
+            body = format_html('{}<p class="quiet">{}</p><ol>{}</ol>', warning_list(warnings),
+                               describe_schedule(task.schedule),
                                items or format_html("<li>{}</li>", "none before the end of the window"))
-        return format_html('<div class="sisy-preview" data-url="{}">{}</div>', url, body)
+        return format_html('<div class="sisy-preview" data-url="{}" data-anchor="{}">{}</div>',
+                           url, task.start_running.isoformat(), body)
 
     # -- actions ------------------------------------------------------------------------
 
@@ -292,6 +307,12 @@ class TaskAdmin(admin.ModelAdmin):
             self.message_user(request, f"{task} (id {task.pk}) sent: Celery task id {result.id}.",
                               messages.SUCCESS)
 
+    def save_model(self, request: HttpRequest, obj: Task, form: Any, change: bool) -> None:
+        """Save, then repeat the preview's warnings about the schedule (it is valid, maybe not meant)."""
+        super().save_model(request, obj, form, change)
+        for warning in schedules.schedule_warnings(obj.schedule):
+            self.message_user(request, warning, messages.WARNING)
+
     def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
         action = request.POST.get("action") if request.method == "POST" else None
         if action and action not in self.get_actions(request):
@@ -322,10 +343,17 @@ class TaskAdmin(admin.ModelAdmin):
             zone = conf.get_zone(zone_name or None)
         except ValueError as exc:
             return JsonResponse({"field": "timezone", "error": str(exc)}, status=400)
+        try:
+            anchor = datetime.fromisoformat(request.GET["anchor"]) if request.GET.get("anchor") else None
+        except ValueError:
+            anchor = None
+        if anchor is not None and timezone.is_naive(anchor):
+            anchor = None
         now = timezone.now()
-        runs = upcoming(schedule, zone, now)
+        runs = upcoming(schedule, zone, now, anchor=anchor)
         return JsonResponse({
             "description": describe_schedule(schedule),
+            "warnings": schedules.schedule_warnings(schedule),
             "timezone": str(zone),
             "runs": [{"at": run.isoformat(), "local": local_time(run, zone), "relative": relative(run, now)}
                      for run in runs],

@@ -282,8 +282,9 @@ class Task(models.Model):
     # -- scheduling ---------------------------------------------------------------------
 
     def following_run(self, after: datetime) -> datetime:
-        """The next slot of this task strictly after ``after``."""
-        return schedules.next_run(self.schedule, after, self.zone)
+        """The next slot of this task strictly after ``after``. An interval counts from
+        ``start_running``; its default, HAS_NOT_RUN, is the Unix epoch, a fixed grid."""
+        return schedules.next_run(self.schedule, after, self.zone, anchor=self.start_running)
 
     def first_run(self, now: datetime) -> datetime:
         """When a new (or re-scheduled) task runs first, honouring start_running and wait_for_schedule."""
