@@ -25,7 +25,6 @@ from django.utils import timezone
 from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 from django.utils.timesince import timesince, timeuntil
-from django_celery_results.models import TaskResult
 from kombu.exceptions import OperationalError as BrokerError
 
 from . import conf, schedules
@@ -390,6 +389,10 @@ class TaskAdmin(admin.ModelAdmin):
 
     def run_history(self, request: HttpRequest, task: Task) -> dict[str, Any]:
         """One page of the task's results from django-celery-results, in one query (no COUNT)."""
+        # Imported here: without django_celery_results installed, importing this module at admin
+        # autodiscovery would fail with a traceback before check E010 could say what is missing.
+        from django_celery_results.models import TaskResult
+
         try:
             page = max(1, int(request.GET.get("runs_page", "1")))
         except ValueError:
