@@ -5,7 +5,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install demo test test-unit test-postgres test-e2e bench clean
+# Other supported Python / Django pairs the unit suite runs on (SQLite), each in a venv of its own
+# built from a pyenv build: PYTHON_VERSION/DJANGO_SERIES. Django 6.0 needs Python 3.12 or later.
+PYENV_VERSIONS ?= $(HOME)/.pyenv/versions
+MATRIX ?= 3.10.13/4.2 3.13.0/6.0
+
+.PHONY: install demo test test-unit test-postgres test-e2e test-matrix bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,14 +23,30 @@ install: $(STAMP)
 demo: install
 	$(BIN)/python example/demo.py
 
-# Unit tests on SQLite, the same suite on PostgreSQL, then real worker/beat processes.
-test: install test-unit test-postgres test-e2e
+# Unit tests on SQLite (here and on the other Python/Django pairs), the same suite on PostgreSQL,
+# then real worker/beat processes.
+test: install test-unit test-matrix test-postgres test-e2e
 
 test-unit: install
 	$(PYTEST) -m "not e2e and not browser"
 
 test-postgres: install
 	SISY_TEST_DB=postgres $(PYTEST) -m "not e2e and not browser"
+
+test-matrix:
+	@set -e; for pair in $(MATRIX); do \
+	  version=$${pair%/*}; django=$${pair#*/}; venv=.venv-py$$version-django$$django; \
+	  if [ ! -f $$venv/.installed-stamp ] || [ pyproject.toml -nt $$venv/.installed-stamp ]; then \
+	    echo "test-matrix: creating $$venv (Python $$version from $(PYENV_VERSIONS), Django $$django.x, the test extra)"; \
+	    rm -rf $$venv; \
+	    $(PYENV_VERSIONS)/$$version/bin/python -m venv $$venv; \
+	    $$venv/bin/python -m pip install -q --upgrade pip; \
+	    $$venv/bin/python -m pip install -q -e ".[test]" "Django~=$$django.0"; \
+	    touch $$venv/.installed-stamp; \
+	  fi; \
+	  echo "test-matrix: unit suite on $$($$venv/bin/python -c 'import sys, django; print(f"Python {sys.version.split()[0]}, Django {django.__version__}")')"; \
+	  $$venv/bin/python -m pytest -q -p no:cacheprovider -m "not e2e and not browser"; \
+	done
 
 test-e2e: install
 	$(PYTEST) -m "e2e or browser"
@@ -35,4 +56,4 @@ bench: install
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) example/var artifacts .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-py* example/var artifacts .pytest_cache .hypothesis
