@@ -11,7 +11,7 @@ from datetime import tzinfo
 from django.conf import settings
 
 DEFAULT_SCHEDULE = "* * * * *"
-DEFAULT_HEARTBEAT_FREQUENCY = 60.0
+DEFAULT_HEARTBEAT_FREQUENCY = 1.0
 DEFAULT_RUNNING_TIMEOUT = 300.0
 DEFAULT_BEAT_BATCH_SIZE = 1000
 

@@ -16,6 +16,7 @@ from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from django.test import override_settings
 
+from sisy_celery import conf
 from sisy_celery.checks import (
     check_beat_scheduler, check_celery_app, check_result_backend, check_settings, configured_app,
 )
@@ -127,6 +128,13 @@ def test_batch_size_must_be_a_whole_number(value):
 def test_good_numbers(setting, value):
     with override_settings(**{setting: value}):
         assert sisy_messages() == []
+
+
+def test_heartbeat_defaults_to_one_second(settings):
+    """A new task is noticed within a second unless the project says otherwise (the original waited 60 s)."""
+    del settings.SISY_HEARTBEAT_FREQUENCY
+    assert conf.heartbeat_frequency() == 1.0
+    assert sisy_messages() == []
 
 
 @override_settings(USE_TZ=False)
