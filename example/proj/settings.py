@@ -112,6 +112,7 @@ if CELERY_BROKER_URL.startswith(("redis://", "rediss://")) and os.environ.get("C
         "unacked_restore_interval": 1,
         "unacked_restore_throttle": 1,
     }
+CELERY_BEAT_SCHEDULER = "sisy_celery.Scheduler"  # `celery -A proj beat` needs no -S
 CELERY_RESULT_BACKEND = "django-db"
 CELERY_RESULT_EXTENDED = True
 CELERY_TASK_TRACK_STARTED = True
