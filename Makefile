@@ -20,8 +20,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: install
-	$(BIN)/python example/demo.py
+# The demo needs the package alone: SQLite and kombu's filesystem broker come with Python and Celery.
+# pip's output goes to a log, shown only if the install fails.
+DEMO_STAMP := $(VENV)/.demo-stamp
+$(DEMO_STAMP): pyproject.toml
+	@echo "make demo: installing sisy-celery and its dependencies (no extras) into $(VENV)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q -e . > $(VENV)/demo-install.log 2>&1 \
+	  || { cat $(VENV)/demo-install.log; exit 1; }
+	@touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
+	@$(BIN)/python example/demo.py
 
 # Unit tests on SQLite (here and on the other Python/Django pairs), the same suite on PostgreSQL,
 # then real worker/beat processes.
