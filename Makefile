@@ -59,6 +59,8 @@ test-matrix:
 	done
 
 test-e2e: install
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || echo "make test-e2e: the browser tests will \
+	install Debian's chromium and chromium-driver packages with apt-get (they are missing)"
 	$(PYTEST) -m "e2e or browser"
 
 bench: install
