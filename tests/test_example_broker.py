@@ -1,15 +1,18 @@
 """The example project's filesystem transport: a reader never finds a message half written."""
 from __future__ import annotations
 
+import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from kombu import Connection
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "example"))
-from proj import brokers  # noqa: E402
+# Loaded from its file: importing the package proj would create (and make current) its Celery app.
+_SPEC = importlib.util.spec_from_file_location(
+    "example_brokers", Path(__file__).resolve().parents[1] / "example" / "proj" / "brokers.py")
+brokers = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(brokers)
 
 
 def test_a_message_appears_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
