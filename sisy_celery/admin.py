@@ -26,7 +26,6 @@ from django.utils import timezone
 from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 from django.utils.timesince import timesince, timeuntil
-from django_celery_results.models import TaskResult
 
 from . import conf, engine, schedules
 from .callables import CallableError, check_allowed
@@ -49,15 +48,18 @@ _DESCRIBE_OPTIONS.use_24hour_time_format = True
 
 @lru_cache(maxsize=2048)
 def describe_schedule(schedule: str) -> str:
-    """A plain-English description of a cron string as the scheduler reads it ("" if it is not valid).
+    """A plain-English description of a schedule as the scheduler reads it ("" if it is not valid).
 
-    The fields come from the scheduler's own parse (``5-5`` is already ``5``), and when both
-    day fields are restricted the description says whether a day must match both or either
-    (cron-descriptor guesses). cron-descriptor reads a 6-field string as *seconds first*,
-    while our 6th field is seconds, so the fields are rotated; if it still cannot describe the
-    string, the fields that are not ``*`` are listed by name.
+    Intervals describe themselves ("every 90 seconds"). For cron, the fields come from the
+    scheduler's own parse (``5-5`` is already ``5``), and when both day fields are restricted
+    the description says whether a day must match both or either (cron-descriptor guesses).
+    cron-descriptor reads a 6-field string as *seconds first*, while our 6th field is seconds,
+    so the fields are rotated; if it still cannot describe the string, the fields that are not
+    ``*`` are listed by name.
     """
     try:
+        if schedules.is_interval(schedule):
+            return schedules.describe_interval(schedule)
         fields = schedules.describe_fields(schedule)
         rule = schedules.day_rule(schedule)
     except ValueError:
@@ -90,11 +92,12 @@ def _describe_with_day_rule(values: list[str], rule: str) -> str:
 
 
 def upcoming(schedule: str, zone: tzinfo, after: datetime, count: int = PREVIEW_COUNT,
-             until: datetime = FAR_FUTURE) -> list[datetime]:
-    """The next ``count`` slots of ``schedule`` after ``after`` and not later than ``until``."""
+             until: datetime = FAR_FUTURE, anchor: datetime | None = None) -> list[datetime]:
+    """The next ``count`` slots of ``schedule`` after ``after`` and not later than ``until``
+    (an interval's slots count from ``anchor``, the task's start)."""
     runs: list[datetime] = []
     while len(runs) < count:
-        after = schedules.next_run(schedule, after, zone)
+        after = schedules.next_run(schedule, after, zone, anchor=anchor)
         if after > until:
             break
         runs.append(after)
@@ -119,6 +122,14 @@ def when(moment: datetime, zone: tzinfo, now: datetime) -> str:
     """Relative and absolute time in one cell, absolute in the task's zone."""
     return format_html('{}<br><span class="quiet" title="{}">{}</span>',
                        relative(moment, now), moment.isoformat(), local_time(moment, zone))
+
+
+def warning_list(warnings: list[str]) -> str:
+    """Warnings about a valid schedule, in the admin's message style."""
+    if not warnings:
+        return ""
+    return format_html('<ul class="messagelist"><li class="warning">{}</li></ul>',
+                       format_html_join("", "{}<br>", ((text,) for text in warnings)))
 
 
 def zone_or_none(task: Task) -> tzinfo | None:
@@ -255,15 +266,19 @@ class TaskAdmin(admin.ModelAdmin):
             zone = task.zone
             now = timezone.now()
             start = max(now, task.start_running)
-            runs = upcoming(task.schedule, zone, start - timedelta(microseconds=1), until=task.end_running)
+            runs = upcoming(task.schedule, zone, start - timedelta(microseconds=1), until=task.end_running,
+                            anchor=task.start_running)
+            warnings = schedules.schedule_warnings(task.schedule)
         except ValueError as exc:
             body = format_html('<p class="errornote">{}</p>', exc)
         else:
             items = format_html_join("", "<li>{} <span class=\"quiet\">({})</span></li>",
                                      ((local_time(run, zone), relative(run, now)) for run in runs))
-            body = format_html('<p class="quiet">{}</p><ol>{}</ol>', describe_schedule(task.schedule),
+            body = format_html('{}<p class="quiet">{}</p><ol>{}</ol>', warning_list(warnings),
+                               describe_schedule(task.schedule),
                                items or format_html("<li>{}</li>", "none before the end of the window"))
-        return format_html('<div class="sisy-preview" data-url="{}">{}</div>', url, body)
+        return format_html('<div class="sisy-preview" data-url="{}" data-anchor="{}">{}</div>',
+                           url, task.start_running.isoformat(), body)
 
     # -- actions ------------------------------------------------------------------------
 
@@ -320,6 +335,12 @@ class TaskAdmin(admin.ModelAdmin):
             self.message_user(request, f"{task} (id {task.pk}) sent: Celery task id {celery_id}.",
                               messages.SUCCESS)
 
+    def save_model(self, request: HttpRequest, obj: Task, form: Any, change: bool) -> None:
+        """Save, then repeat the preview's warnings about the schedule (it is valid, maybe not meant)."""
+        super().save_model(request, obj, form, change)
+        for warning in schedules.schedule_warnings(obj.schedule):
+            self.message_user(request, warning, messages.WARNING)
+
     def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
         action = request.POST.get("action") if request.method == "POST" else None
         if action and action not in self.get_actions(request):
@@ -368,10 +389,17 @@ class TaskAdmin(admin.ModelAdmin):
             zone = conf.get_zone(zone_name or None)
         except ValueError as exc:
             return JsonResponse({"field": "timezone", "error": str(exc)}, status=400)
+        try:
+            anchor = datetime.fromisoformat(request.GET["anchor"]) if request.GET.get("anchor") else None
+        except ValueError:
+            anchor = None
+        if anchor is not None and timezone.is_naive(anchor):
+            anchor = None
         now = timezone.now()
-        runs = upcoming(schedule, zone, now)
+        runs = upcoming(schedule, zone, now, anchor=anchor)
         return JsonResponse({
             "description": describe_schedule(schedule),
+            "warnings": schedules.schedule_warnings(schedule),
             "timezone": str(zone),
             "runs": [{"at": run.isoformat(), "local": local_time(run, zone), "relative": relative(run, now)}
                      for run in runs],
@@ -409,6 +437,10 @@ class TaskAdmin(admin.ModelAdmin):
     def run_history(self, request: HttpRequest, task: Task) -> dict[str, Any]:
         """One page of the task's runs from the ledger, newest slot first, with their results from
         django-celery-results where it keeps them: two queries, no COUNT."""
+        # Imported here: without django_celery_results installed, importing this module at admin
+        # autodiscovery would fail with a traceback before check E010 could say what is missing.
+        from django_celery_results.models import TaskResult
+
         try:
             page = min(max(1, int(request.GET.get("runs_page", "1"))), LAST_RUNS_PAGE)
         except ValueError:

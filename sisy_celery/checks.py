@@ -1,4 +1,8 @@
-"""Django system checks for sisy-celery settings: misconfiguration fails at start, not at 3 a.m."""
+"""Django system checks for sisy-celery settings: misconfiguration fails at start, not at 3 a.m.
+
+Also the guards other code calls where a check cannot see the problem: :func:`configured_app`
+before sisy publishes, :func:`unapplied_migrations` when a process starts on the database.
+"""
 from __future__ import annotations
 
 import logging
@@ -6,12 +10,19 @@ import math
 from datetime import timedelta
 from typing import Any
 
+from celery import Celery
+from django.apps import apps
 from django.conf import settings
-from django.core.checks import ERROR, Error, register, run_checks
+from django.core.checks import ERROR, Error, Warning, register, run_checks
+from django.core.exceptions import ImproperlyConfigured
+from django.db import DEFAULT_DB_ALIAS, connections
 
 from . import conf, schedules
 
 logger = logging.getLogger("sisy_celery")
+
+#: result backends (CELERY_RESULT_BACKEND) that store results with django_celery_results' models
+DJANGO_RESULT_BACKENDS = ("django-db", "django-cache")
 
 
 def refuse_to_start(process: str) -> None:
@@ -94,3 +105,92 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
         ))
     return errors
 
+
+@register()
+def check_result_backend(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    """A django-celery-results backend without its app fails in the worker, with a long traceback."""
+    backend = getattr(settings, "CELERY_RESULT_BACKEND", None)
+    if backend in DJANGO_RESULT_BACKENDS and not apps.is_installed("django_celery_results"):
+        return [Error(
+            f"CELERY_RESULT_BACKEND is {backend!r} but 'django_celery_results' is not in INSTALLED_APPS.",
+            hint="Add 'django_celery_results' to INSTALLED_APPS and run `python manage.py migrate`.",
+            id="sisy_celery.E010",
+        )]
+    return []
+
+
+@register()
+def check_beat_scheduler(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    """CELERY_BEAT_SCHEDULER is resolved as ``celery beat -S`` resolves it; an alias of a scheduler
+    that is not installed ('django') names a module, which beat then fails to call."""
+    from celery.beat import Scheduler as CeleryScheduler
+    from celery.utils.imports import load_extension_class_names, symbol_by_name
+
+    name = getattr(settings, "CELERY_BEAT_SCHEDULER", None)
+    if name is None:
+        return []
+    try:
+        found = symbol_by_name(name, aliases=dict(load_extension_class_names("celery.beat_schedulers")))
+    except (ImportError, AttributeError, ValueError) as exc:
+        problem = f"cannot be imported ({exc})"
+    else:
+        if isinstance(found, type) and issubclass(found, CeleryScheduler):
+            return []
+        problem = "is not a Celery beat scheduler class"
+        if not any(mark in name for mark in ".:"):
+            problem += " (a bare name is the alias of a scheduler package, and none of that name is installed)"
+    return [Error(
+        f"CELERY_BEAT_SCHEDULER {name!r} {problem}.",
+        hint="For sisy-celery set CELERY_BEAT_SCHEDULER = 'sisy_celery.Scheduler' (then `celery beat` needs no -S).",
+        id="sisy_celery.E011",
+    )]
+
+
+def configured_app(app: Celery) -> None:
+    """Raise ImproperlyConfigured if ``app`` is Celery's unconfigured fallback app.
+
+    Celery makes that app (named 'default', without the Django fix-up) when code asks for
+    the current app and the project's own was never created, because ``proj/celery.py`` is
+    not imported by ``proj/__init__.py``: it would publish to amqp://localhost, where no
+    worker listens.
+    """
+    if app.main == "default" and not app.fixups:
+        raise ImproperlyConfigured(
+            "sisy-celery found no Celery app of this project (only Celery's unconfigured default app, "
+            "which sends to amqp://guest@localhost//): create proj/celery.py and import it in "
+            "proj/__init__.py with `from .celery import app as celery_app`."
+        )
+
+
+@register()
+def check_celery_app(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    """The process that runs the checks (runserver, migrate ...) is the one the admin sends from."""
+    from celery import current_app
+
+    try:
+        configured_app(current_app._get_current_object())
+    except ImproperlyConfigured as exc:
+        return [Warning(
+            str(exc),
+            hint="Without it the admin's 'Run now' and sisy_run send nowhere; see the README's quick start.",
+            id="sisy_celery.W010",
+        )]
+    return []
+
+
+def unapplied_migrations(using: str = DEFAULT_DB_ALIAS) -> str:
+    """'' when sisy_celery's migrations are all applied on database ``using``, else a one-line message.
+
+    For a process that starts before ``migrate`` (beat, a worker): it says what to run
+    instead of failing on a missing table. Raises the database's error if it is unreachable.
+    """
+    from django.db.migrations.executor import MigrationExecutor
+
+    executor = MigrationExecutor(connections[using])
+    targets = [node for node in executor.loader.graph.leaf_nodes() if node[0] == "sisy_celery"]
+    pending = [migration.name for migration, _ in executor.migration_plan(targets)
+               if migration.app_label == "sisy_celery"]
+    if not pending:
+        return ""
+    return (f"sisy_celery's tables on database {using!r} are not migrated ({len(pending)} migration(s) not "
+            f"applied: {', '.join(pending)}): run `python manage.py migrate`.")

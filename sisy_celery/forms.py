@@ -122,6 +122,8 @@ class TaskForm(forms.ModelForm):
             "iterations", "allow_overlap", "queue", "priority", "expires",
         ]
         widgets = {"timezone": ZoneInput, "schedule": forms.TextInput(attrs={"spellcheck": "false"})}
+        help_texts = {"schedule": "Cron: minute hour day-of-month month day-of-week [second]; "
+                                  "or an interval from the start time: every 90s, every 5m, every 2h."}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

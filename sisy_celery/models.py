@@ -60,7 +60,10 @@ def check_userdata(value: Any) -> dict[str, Any]:
             f"userdata must be a dict of JSON-serializable data ({exc}): use only dicts with "
             f"string keys, lists, strings, finite numbers, booleans and None."
         ) from None
-    _check_json_tree(value)
+    try:
+        _check_json_tree(value)
+    except RecursionError:  # Python 3.13's json encoder goes deeper than this walk can
+        raise ValueError("userdata is nested too deeply: keep it to a few hundred levels.") from None
     return value
 
 
@@ -284,8 +287,9 @@ class Task(models.Model):
     # -- scheduling ---------------------------------------------------------------------
 
     def following_run(self, after: datetime) -> datetime:
-        """The next slot of this task strictly after ``after``."""
-        return schedules.next_run(self.schedule, after, self.zone)
+        """The next slot of this task strictly after ``after``. An interval counts from
+        ``start_running``; its default, HAS_NOT_RUN, is the Unix epoch, a fixed grid."""
+        return schedules.next_run(self.schedule, after, self.zone, anchor=self.start_running)
 
     def first_run(self, now: datetime) -> datetime:
         """When a new (or re-scheduled) task runs first, honouring start_running and wait_for_schedule."""
@@ -423,6 +427,12 @@ def task_with_callable(
         # The fields' own validators (iterations >= 0, priority <= 255 ...): a ValueError now
         # rather than an IntegrityError, or silently stored nonsense, at save().
         task.clean_fields(exclude=[f.name for f in Task._meta.fields if f.name not in fields])
+        # Django 4.2 gives positive integer fields no lower bound on SQLite (its CHECK fails at save).
+        negative = {f.name: ["Ensure this value is greater than or equal to 0."] for f in Task._meta.fields
+                    if f.get_internal_type().startswith("Positive") and f.name in fields
+                    and isinstance(fields[f.name], int) and fields[f.name] < 0}
+        if negative:
+            raise ValidationError(negative)
     except ValidationError as exc:
         raise ValueError(" ".join(f"{name}: {' '.join(errors)}" for name, errors in exc.message_dict.items())) from None
     if task.end_running <= task.start_running:

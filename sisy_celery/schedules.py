@@ -1,4 +1,9 @@
-"""Cron schedules: validation and the one function that computes the next run.
+"""Schedules: validation and the one function that computes the next run.
+
+A schedule is a cron string or an interval, ``every N`` seconds, minutes or hours
+(``every 90s``, ``every 5m``, ``every 2h``). Intervals are exact periods of real time
+from an anchor (the task's ``start_running``; the Unix epoch when it has none), so
+they ignore time zones and DST.
 
 Fields mean what they mean in Vixie cron and cronie, the crontabs people run: a
 range whose ends are equal is that one value (``5-5`` is minute 5, in every field,
@@ -23,7 +28,8 @@ from croniter.croniter import CroniterBadDateError, CroniterError
 
 from . import conf
 
-__all__ = ["next_run", "validate", "describe_fields", "day_rule", "FIELD_NAMES"]
+__all__ = ["next_run", "validate", "describe_fields", "day_rule", "FIELD_NAMES", "is_interval", "interval",
+           "describe_interval", "schedule_warnings", "INTERVAL_EPOCH"]
 
 FIELD_NAMES = ("minute", "hour", "day of month", "month", "day of week", "second")
 ALIASES = {
@@ -48,6 +54,78 @@ _NAMES = {
 }
 _ONE_SECOND = timedelta(seconds=1)
 _UTC = dt_timezone.utc
+
+#: where an interval without an anchor counts from: ``every 5m`` falls on :00, :05, :10 UTC ...
+INTERVAL_EPOCH = datetime(1970, 1, 1, tzinfo=_UTC)
+_INTERVAL = re.compile(r"every\s+(?P<count>\d+)\s*(?P<unit>[a-z]+)", re.IGNORECASE)
+_INTERVAL_UNITS = {
+    **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), ("second", 1)),
+    **dict.fromkeys(("m", "min", "mins", "minute", "minutes"), ("minute", 60)),
+    **dict.fromkeys(("h", "hr", "hrs", "hour", "hours"), ("hour", 3600)),
+}
+#: the longest interval: a longer period is a calendar matter, for cron
+_INTERVAL_MAX_SECONDS = 366 * 86400
+_INTERVAL_HINT = "Write 'every N' and a unit s, m or h, e.g. 'every 90s', 'every 5m' or 'every 2h'."
+
+
+def is_interval(schedule: object) -> bool:
+    """A schedule starting with the word 'every' is an interval (no cron field can start so)."""
+    return isinstance(schedule, str) and schedule.strip()[:5].lower() == "every"
+
+
+def _interval_parts(schedule: str) -> tuple[int, str, timedelta]:
+    """Count, unit name and period of an interval schedule; ValueError naming the problem."""
+    match = _INTERVAL.fullmatch(schedule.strip())
+    unit = _INTERVAL_UNITS.get(match["unit"].lower()) if match else None
+    if match is None or unit is None:
+        raise ValueError(f"Invalid interval schedule {schedule!r}. {_INTERVAL_HINT}")
+    count = int(match["count"])
+    seconds = count * unit[1]
+    if not 1 <= seconds <= _INTERVAL_MAX_SECONDS:
+        raise ValueError(
+            f"Invalid interval schedule {schedule!r}: the period must be between 1 second and 366 days "
+            f"(use cron for calendar schedules). {_INTERVAL_HINT}"
+        )
+    return count, unit[0], timedelta(seconds=seconds)
+
+
+def interval(schedule: str) -> timedelta:
+    """The period of an interval schedule such as 'every 90s'; ValueError naming the problem."""
+    return _interval_parts(schedule)[2]
+
+
+def describe_interval(schedule: str) -> str:
+    """'every 90 seconds', 'every minute', 'every 2 hours' (ValueError if not a valid interval)."""
+    count, unit, _ = _interval_parts(schedule)
+    return f"every {unit}" if count == 1 else f"every {count} {unit}s"
+
+
+def _next_interval_run(schedule: str, after: datetime, anchor: datetime | None) -> datetime:
+    """The first ``anchor + k * period`` (k any whole number) strictly after ``after``, in UTC."""
+    period = interval(schedule)
+    start = INTERVAL_EPOCH if anchor is None else anchor.astimezone(_UTC)
+    return start + ((after.astimezone(_UTC) - start) // period + 1) * period
+
+
+def schedule_warnings(schedule: str) -> list[str]:
+    """Valid schedules that probably do not mean what their author meant, each with the fix.
+
+    A stepped first field with ``*`` seconds (``*/5 * * * * *``) reads like "every 5
+    seconds" in tools that put seconds first; here seconds come last, so it means every
+    second of every fifth minute.
+    """
+    if is_interval(schedule):
+        return []
+    fields = _parse(schedule).fields
+    if len(fields) != 6 or "/" not in fields[0] or fields[5] != "*":
+        return []
+    step = fields[0].split("/", 1)[1]
+    plain = fields[0].startswith("*/")
+    return [
+        f"{schedule!r} runs every second of the minutes {fields[0]!r}: the seconds field comes last. "
+        f"For seconds {fields[0]!r} write '* * * * * {fields[0]}'{f' (or every {step}s)' if plain else ''}; "
+        f"for one run in each of those minutes, '{' '.join(fields[:5])}'{f' (or every {step}m)' if plain else ''}."
+    ]
 
 
 def _single_values(value: str, index: int) -> str:
@@ -106,7 +184,10 @@ def _covers_every_day(fields: list[str]) -> bool:
 
 
 def validate(schedule: object) -> str:
-    """Return ``schedule`` if it is a valid cron string, else raise ValueError naming the field."""
+    """Return ``schedule`` if it is a valid cron string or interval, else raise ValueError naming the field."""
+    if is_interval(schedule):
+        interval(schedule)  # type: ignore[arg-type]
+        return schedule  # type: ignore[return-value]
     _parse(schedule)
     return schedule  # type: ignore[return-value]
 
@@ -172,14 +253,20 @@ def day_rule(schedule: str) -> str | None:
     return "and" if cron.days_anded else "or"
 
 
-def next_run(schedule: str, after: datetime, tz: str | tzinfo | None = None) -> datetime:
+def next_run(schedule: str, after: datetime, tz: str | tzinfo | None = None,
+             anchor: datetime | None = None) -> datetime:
     """Return the next run of ``schedule`` strictly after the aware instant ``after``.
 
     ``tz`` is the zone the cron fields are read in (a name or tzinfo; None means
-    the configured zone). The result is an aware datetime in UTC.
+    the configured zone). ``anchor`` is the instant an interval's slots count from
+    (None: :data:`INTERVAL_EPOCH`); cron ignores it. The result is an aware datetime in UTC.
     """
     if not isinstance(after, datetime) or after.tzinfo is None or after.utcoffset() is None:
         raise ValueError(f"next_run needs an aware datetime for 'after', got {after!r}.")
+    if is_interval(schedule):
+        if anchor is not None and (anchor.tzinfo is None or anchor.utcoffset() is None):
+            raise ValueError(f"next_run needs an aware datetime for 'anchor', got {anchor!r}.")
+        return _next_interval_run(schedule, after, anchor)
     _parse(schedule)
     zone = conf.get_zone(tz)
     # Work in UTC: two datetimes of the same tzinfo compare as naive wall times (PEP 495),

@@ -8,14 +8,21 @@ import sys
 from pathlib import Path
 
 import pytest
-from django.core.checks import Error, run_checks
+from celery import Celery, _state as celery_state
+from django.conf import settings as django_settings
+from django.core.checks import Error, Warning, run_checks
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from django.test import override_settings
 
-from sisy_celery.checks import check_settings, refuse_to_start
+from sisy_celery import conf
+from sisy_celery.checks import (
+    check_beat_scheduler, check_celery_app, check_result_backend, check_settings, configured_app, refuse_to_start,
+)
+from tests import celery_app
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -123,6 +130,13 @@ def test_good_numbers(setting, value):
         assert sisy_messages() == []
 
 
+def test_heartbeat_defaults_to_one_second(settings):
+    """A new task is noticed within a second unless the project says otherwise (the original waited 60 s)."""
+    del settings.SISY_HEARTBEAT_FREQUENCY
+    assert conf.heartbeat_frequency() == 1.0
+    assert sisy_messages() == []
+
+
 @override_settings(USE_TZ=False)
 def test_use_tz_false():
     message = only("sisy_celery.E007")
@@ -188,3 +202,122 @@ def test_several_problems_are_all_reported():
 def test_manage_py_check_fails_on_errors():
     with pytest.raises(SystemCheckError, match=r"sisy_celery.E004"):
         call_command("check", stdout=io.StringIO(), stderr=io.StringIO())
+
+
+# -- the project around sisy: result backend app, Celery app, beat scheduler, migrations -----------------
+
+
+def django_command(tmp_path: Path, settings: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m django ARGS`` in a fresh process on tests.settings changed by ``settings``."""
+    (tmp_path / "changed_settings.py").write_text(f"from tests.settings import *\n{settings}\n")
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "changed_settings",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    return subprocess.run([sys.executable, "-m", "django", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("backend", ["django-db", "django-cache"])
+def test_result_backend_without_its_app(backend):
+    installed = [app for app in django_settings.INSTALLED_APPS if app != "django_celery_results"]
+    with override_settings(INSTALLED_APPS=installed, CELERY_RESULT_BACKEND=backend):
+        (message,) = check_result_backend()
+    assert isinstance(message, Error) and message.id == "sisy_celery.E010"
+    assert message.msg == f"CELERY_RESULT_BACKEND is {backend!r} but 'django_celery_results' is not in INSTALLED_APPS."
+    assert "Add 'django_celery_results' to INSTALLED_APPS" in message.hint
+
+
+def test_other_result_backends_need_no_app():
+    installed = [app for app in django_settings.INSTALLED_APPS if app != "django_celery_results"]
+    with override_settings(INSTALLED_APPS=installed, CELERY_RESULT_BACKEND="redis://127.0.0.1:6379/0"):
+        assert check_result_backend() == []
+    with override_settings(CELERY_RESULT_BACKEND="django-db"):
+        assert check_result_backend() == []
+
+
+def test_missing_result_backend_app_is_one_error_not_a_traceback(tmp_path):
+    done = django_command(tmp_path, "INSTALLED_APPS = [a for a in INSTALLED_APPS if a != 'django_celery_results']",
+                          "check")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr + done.stdout
+    assert "(sisy_celery.E010) CELERY_RESULT_BACKEND is 'django-db' but 'django_celery_results' is not in " \
+           "INSTALLED_APPS." in done.stderr
+
+
+def test_celerys_fallback_app_is_refused():
+    fallback = Celery("default", fixups=[], set_as_current=False)  # as celery._state makes it
+    with pytest.raises(ImproperlyConfigured) as caught:
+        configured_app(fallback)
+    assert str(caught.value).startswith("sisy-celery found no Celery app of this project")
+    assert "import it in proj/__init__.py with `from .celery import app as celery_app`" in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("app", [celery_app.app, Celery("proj", set_as_current=False),
+                                 Celery(set_as_current=False)])
+def test_a_project_app_passes(app):
+    assert configured_app(app) is None
+
+
+def test_check_warns_when_the_current_app_is_the_fallback():
+    fallback = Celery("default", fixups=[], set_as_current=False)
+    previous = celery_state.get_current_app()
+    celery_state._set_current_app(fallback)
+    try:
+        (message,) = check_celery_app()
+    finally:
+        celery_state._set_current_app(previous)
+    assert isinstance(message, Warning) and message.id == "sisy_celery.W010"
+    assert message.msg.startswith("sisy-celery found no Celery app of this project")
+    assert check_celery_app() == []
+
+
+def test_a_project_without_a_celery_app_is_warned_by_manage_py_check(tmp_path):
+    done = django_command(tmp_path, "", "check")
+    assert done.returncode == 0, done.stderr
+    assert "(sisy_celery.W010) sisy-celery found no Celery app of this project" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("name", ["sisy_celery.Scheduler", "sisy_celery.scheduler:Scheduler",
+                                  "celery.beat:PersistentScheduler"])
+def test_beat_scheduler_setting_that_resolves(name):
+    with override_settings(CELERY_BEAT_SCHEDULER=name):
+        assert check_beat_scheduler() == []
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("django", "is not a Celery beat scheduler class (a bare name is the alias of a scheduler package, "
+               "and none of that name is installed)"),
+    ("sisy_celery.conf", "is not a Celery beat scheduler class"),
+    ("sisy_celery.Schedular", "cannot be imported (module 'sisy_celery' has no attribute 'Schedular')"),
+    ("django_celery_beat.schedulers:DatabaseScheduler", "cannot be imported (No module named 'django_celery_beat')"),
+])
+def test_beat_scheduler_setting_that_does_not(name, problem):
+    with override_settings(CELERY_BEAT_SCHEDULER=name):
+        (message,) = check_beat_scheduler()
+    assert message.id == "sisy_celery.E011" and message.msg == f"CELERY_BEAT_SCHEDULER {name!r} {problem}."
+    assert "CELERY_BEAT_SCHEDULER = 'sisy_celery.Scheduler'" in message.hint
+
+
+MIGRATION_PROBE = ("from sisy_celery.checks import unapplied_migrations; "
+                   "print(unapplied_migrations() or 'all applied')")
+
+
+def probe_migrations(tmp_path: Path, database: str) -> str:
+    """What unapplied_migrations() says in a fresh process (the last line: shell may print a notice)."""
+    done = django_command(tmp_path, database, "shell", "-c", MIGRATION_PROBE)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_unapplied_migrations_say_to_run_migrate(tmp_path):
+    database = "DATABASES = {'default': {'ENGINE': 'django.db.backends.sqlite3', 'NAME': 'fresh.sqlite3'}}"
+    names = sorted(path.stem for path in (ROOT / "sisy_celery" / "migrations").glob("0*.py"))
+    assert probe_migrations(tmp_path, database) == (
+        f"sisy_celery's tables on database 'default' are not migrated ({len(names)} migration(s) not applied: "
+        f"{', '.join(names)}): run `python manage.py migrate`."
+    )
+    assert django_command(tmp_path, database, "migrate", "-v0", "sisy_celery", names[0]).returncode == 0
+    assert f"({len(names) - 1} migration(s) not applied: {', '.join(names[1:])})" in probe_migrations(tmp_path, database)
+    assert django_command(tmp_path, database, "migrate", "-v0").returncode == 0
+    assert probe_migrations(tmp_path, database) == "all applied"

@@ -7,10 +7,20 @@ from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 import pytest
-from django.test import override_settings
+from croniter import croniter
+from django.contrib.messages import get_messages
+from django.test import Client, override_settings
+from django.urls import reverse
+from django.utils import timezone as dj_timezone
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
-from sisy_celery.schedules import describe_fields, next_run, validate
+from sisy_celery import admin as sisy_admin
+from sisy_celery.models import HAS_NOT_RUN, Task, task_with_callable
+from sisy_celery.schedules import (
+    describe_fields, describe_interval, interval, is_interval, next_run, schedule_warnings, validate,
+)
+from tests.test_admin import form_data
+from tests.testapp import jobs
 from tests.cron_reference import Reference, repeats_in_both_copies
 
 UTC = timezone.utc
@@ -565,3 +575,231 @@ def test_property_chain_is_strictly_increasing_and_matches(schedule, zone_and_af
         zone = ZoneInfo(zone_name)
         assert all(Reference(schedule).matches(r.astimezone(zone).replace(tzinfo=None)) for r in results)
 
+
+
+# -- intervals: "every N seconds/minutes/hours" from an anchor, in real time ----------------------------
+
+# 2026-01-01T00:00Z is 1,767,225,600 s after the epoch: a multiple of 90 s, 5 min and 2 h.
+NEW_YEAR = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("schedule, seconds", [
+    ("every 90s", 90), ("every 5m", 300), ("every 2h", 7200), ("every 1s", 1), ("Every 90 Seconds", 90),
+    ("  every 3 min ", 180), ("every 1 hour", 3600), ("every 12hrs", 43200), ("every 8784h", 366 * 86400),
+])
+def test_interval_forms(schedule, seconds):
+    assert is_interval(schedule)
+    assert validate(schedule) == schedule
+    assert interval(schedule) == timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize("schedule, detail", [
+    ("every", ""), ("every 5", ""), ("every 5x", ""), ("every 5 m s", ""), ("everyday", ""), ("every -5s", ""),
+    ("every 1.5m", ""), ("every 0s", "between 1 second and 366 days"), ("every 8785h", "between 1 second"),
+    ("every 99999999999999999999999h", "between 1 second"),
+])
+def test_bad_intervals_are_refused_with_the_form_to_use(schedule, detail):
+    with pytest.raises(ValueError) as caught:
+        validate(schedule)
+    message = str(caught.value)
+    assert message.startswith(f"Invalid interval schedule {schedule!r}")
+    assert detail in message and "'every 90s', 'every 5m' or 'every 2h'" in message
+
+
+def test_cron_strings_are_not_intervals():
+    assert not any(is_interval(s) for s in ("* * * * *", "@daily", "*/5 * * * * *", "", None, 5))
+
+
+def test_interval_without_anchor_counts_from_the_epoch():
+    assert next_run("every 90s", NEW_YEAR, "UTC") == NEW_YEAR + timedelta(seconds=90)
+    assert next_run("every 90s", NEW_YEAR - timedelta(microseconds=1)) == NEW_YEAR
+    assert next_run("every 5m", NEW_YEAR + timedelta(minutes=7, seconds=30)) == NEW_YEAR + timedelta(minutes=10)
+    assert next_run("every 2h", NEW_YEAR + timedelta(hours=1)) == NEW_YEAR + timedelta(hours=2)
+
+
+def test_interval_counts_from_its_anchor():
+    anchor = datetime(2026, 5, 4, 10, 0, 7, 250000, tzinfo=UTC)
+    assert next_run("every 2m", anchor - timedelta(microseconds=1), anchor=anchor) == anchor
+    assert next_run("every 2m", anchor, anchor=anchor) == anchor + timedelta(minutes=2)
+    assert next_run("every 2m", anchor + timedelta(minutes=5), anchor=anchor) == anchor + timedelta(minutes=6)
+    # the anchor may be given in any offset; the result is UTC
+    result = next_run("every 2m", anchor, anchor=anchor.astimezone(NY))
+    assert result == anchor + timedelta(minutes=2) and result.tzinfo is UTC
+
+
+def test_cron_ignores_the_anchor():
+    anchor = datetime(2026, 5, 4, 10, 0, 7, tzinfo=UTC)
+    assert next_run("0 12 * * *", anchor, "UTC", anchor=anchor) == datetime(2026, 5, 4, 12, 0, tzinfo=UTC)
+
+
+def test_naive_anchor_is_refused():
+    with pytest.raises(ValueError, match="aware datetime for 'anchor'"):
+        next_run("every 5m", NEW_YEAR, anchor=datetime(2026, 1, 1))
+
+
+def test_interval_ignores_the_zone_and_dst():
+    """Every hour across New York's spring gap and London's fall back: 60 real minutes apart, while the
+    local clock shows a 2-hour step in the gap and the same hour twice in the repeat."""
+    spring = local(NY, 2026, 3, 8, 0, 30)
+    runs = [next_run("every 1h", spring, NY, anchor=spring)]
+    for _ in range(3):
+        runs.append(next_run("every 1h", runs[-1], NY, anchor=spring))
+    assert [b - a for a, b in zip(runs, runs[1:])] == [timedelta(hours=1)] * 3
+    assert walls(runs, NY) == ["03-08 01:30 -0500", "03-08 03:30 -0400", "03-08 04:30 -0400", "03-08 05:30 -0400"]
+    autumn = local(LONDON, 2026, 10, 25, 0, 30)
+    runs = [next_run("every 1h", autumn, "Europe/London", anchor=autumn)]
+    for _ in range(2):
+        runs.append(next_run("every 1h", runs[-1], "Europe/London", anchor=autumn))
+    assert walls(runs, LONDON) == ["10-25 01:30 +0100", "10-25 01:30 +0000", "10-25 02:30 +0000"]
+
+
+@st.composite
+def interval_cases(draw) -> tuple[str, timedelta, datetime, datetime]:
+    """An interval, an anchor and an instant, both near a DST change of New York or London."""
+    count = draw(st.integers(1, 200))
+    unit, seconds = draw(st.sampled_from([("s", 1), ("m", 60), ("h", 3600)]))
+    assume(count * seconds <= 48 * 3600)
+    zone_name = draw(st.sampled_from(["America/New_York", "Europe/London"]))
+    change = draw(st.sampled_from(transitions(zone_name, draw(st.integers(2021, 2030)))))
+    anchor = change + timedelta(seconds=draw(st.integers(-3 * 86400, 3 * 86400)),
+                                microseconds=draw(st.sampled_from([0, 1, 500000])))
+    after = change + timedelta(seconds=draw(st.integers(-2 * 86400, 3600)))
+    zone = ZoneInfo(zone_name)
+    return f"every {count}{unit}", timedelta(seconds=count * seconds), anchor.astimezone(zone), after.astimezone(zone)
+
+
+@PROPERTY
+@given(interval_cases())
+def test_property_consecutive_interval_slots_are_exactly_the_period_apart(case):
+    schedule, period, anchor, after = case
+    zone = after.tzinfo
+    runs = [next_run(schedule, after, zone, anchor=anchor)]
+    while runs[-1] - after < timedelta(days=3) and len(runs) < 400:
+        runs.append(next_run(schedule, runs[-1], zone, anchor=anchor))
+    assert timedelta(0) < runs[0] - after <= period
+    assert (runs[0] - anchor) % period == timedelta(0)
+    assert all(b - a == period for a, b in zip(runs, runs[1:]))
+
+
+@pytest.mark.django_db
+def test_task_with_an_interval_and_no_start_runs_on_the_epoch_grid():
+    before = dj_timezone.now()
+    task = task_with_callable(jobs.job, schedule="every 90s")
+    task.save()
+    assert task.start_running == HAS_NOT_RUN
+    assert before < task.next_run <= before + timedelta(seconds=90)
+    assert (task.next_run - HAS_NOT_RUN) % timedelta(seconds=90) == timedelta(0)
+    assert task.following_run(task.next_run) == task.next_run + timedelta(seconds=90)
+
+
+@pytest.mark.django_db
+def test_task_with_an_interval_counts_from_start_running():
+    start = dj_timezone.now().replace(microsecond=0) + timedelta(hours=1, seconds=7)
+    task = Task.run_iterations(jobs.job, iterations=3, schedule="every 5m", start_running=start)
+    assert task.next_run == start
+    assert task.following_run(start + timedelta(minutes=12)) == start + timedelta(minutes=15)
+    later = start + timedelta(minutes=1)
+    task.start_running = later
+    task.save()
+    task.refresh_from_db()
+    assert task.next_run == later
+
+
+@pytest.mark.django_db
+def test_run_immediately_with_an_interval_runs_now_then_on_the_grid():
+    before = dj_timezone.now()
+    task = Task.run_iterations(jobs.job, iterations=2, schedule="every 2h", run_immediately=True)
+    assert before <= task.next_run <= dj_timezone.now()
+    assert task.following_run(task.next_run) == NEW_YEAR + timedelta(hours=2) * (
+        (task.next_run - NEW_YEAR) // timedelta(hours=2) + 1)
+
+
+def test_bad_interval_is_refused_at_creation():
+    with pytest.raises(ValueError, match="Invalid interval schedule 'every 5x'"):
+        task_with_callable(jobs.job, schedule="every 5x")
+
+
+@pytest.mark.parametrize("schedule, text", [
+    ("every 90s", "every 90 seconds"), ("every 1s", "every second"), ("every 5 minutes", "every 5 minutes"),
+    ("every 1h", "every hour"), ("every 2h", "every 2 hours"), ("every 5x", ""),
+])
+def test_describe_interval_in_the_admin(schedule, text):
+    assert sisy_admin.describe_schedule(schedule) == text
+    if text:
+        assert describe_interval(schedule) == text
+
+
+@pytest.mark.django_db
+def test_preview_of_an_interval_counts_from_the_anchor(admin_client: Client):
+    anchor = dj_timezone.now().replace(microsecond=0) + timedelta(minutes=10, seconds=7)
+    url = reverse("admin:sisy_celery_task_preview")
+    response = admin_client.get(url, {"schedule": "every 90s", "timezone": "Europe/Paris", "anchor": anchor.isoformat()})
+    assert response.status_code == 200
+    data = response.json()
+    assert data["description"] == "every 90 seconds" and data["warnings"] == []
+    runs = [datetime.fromisoformat(run["at"]) for run in data["runs"]]
+    assert len(runs) == 5
+    assert all(b - a == timedelta(seconds=90) for a, b in zip(runs, runs[1:]))
+    assert all((run - anchor) % timedelta(seconds=90) == timedelta(0) for run in runs)
+    # no anchor (a new task without a start): the epoch grid
+    runs = [datetime.fromisoformat(run["at"]) for run in admin_client.get(url, {"schedule": "every 90s"}).json()["runs"]]
+    assert all((run - HAS_NOT_RUN) % timedelta(seconds=90) == timedelta(0) for run in runs)
+
+
+@pytest.mark.django_db
+def test_change_page_preview_of_an_interval_task(admin_client: Client):
+    start = dj_timezone.now().replace(microsecond=0) + timedelta(days=1, seconds=7)
+    task = task_with_callable(jobs.job, schedule="every 2h", start_running=start, timezone="America/New_York")
+    task.save()
+    page = admin_client.get(reverse("admin:sisy_celery_task_change", args=[task.pk])).content.decode()
+    preview = page[page.index('class="sisy-preview"'):]
+    preview = preview[:preview.index("</ol>")]
+    assert f'data-anchor="{start.isoformat()}"' in preview
+    assert "every 2 hours" in preview and preview.count("<li>") == 5
+    for k in range(5):
+        assert (start + timedelta(hours=2 * k)).astimezone(NY).strftime("%Y-%m-%d %H:%M:%S %Z") in preview
+
+
+# -- the seconds-last warning -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", ["*/5 * * * * *", "0-30/10 * * * * *"])
+def test_stepped_minutes_with_every_second_are_warned_about(schedule):
+    (warning,) = schedule_warnings(schedule)
+    minutes = schedule.split()[0]
+    assert warning.startswith(f"{schedule!r} runs every second of the minutes {minutes!r}: "
+                              f"the seconds field comes last.")
+    assert f"'* * * * * {minutes}'" in warning and f"'{minutes} * * * *'" in warning
+
+
+@pytest.mark.parametrize("schedule", [
+    "*/5 * * * *", "* * * * * */5", "*/5 * * * * 0", "5 * * * * *", "* * * * * *", "every 5m", "@hourly",
+])
+def test_other_schedules_have_no_warning(schedule):
+    assert schedule_warnings(schedule) == []
+
+
+@pytest.mark.django_db
+def test_admin_warns_but_saves_a_seconds_last_surprise(admin_client: Client):
+    preview = admin_client.get(reverse("admin:sisy_celery_task_preview"), {"schedule": "*/5 * * * * *"}).json()
+    assert preview["warnings"] == schedule_warnings("*/5 * * * * *")
+    response = admin_client.post(reverse("admin:sisy_celery_task_add"),
+                                 form_data(label="surprise", schedule="*/5 * * * * *"))
+    assert response.status_code == 302
+    task = Task.objects.get(label="surprise")
+    assert task.schedule == "*/5 * * * * *"
+    assert [str(m) for m in get_messages(response.wsgi_request) if m.level_tag == "warning"] == \
+        schedule_warnings("*/5 * * * * *")
+    page = admin_client.get(reverse("admin:sisy_celery_task_change", args=[task.pk])).content.decode()
+    preview = page[page.index('class="sisy-preview"'):]
+    preview = preview[:preview.index("</ol>")]
+    assert '<li class="warning">' in preview and "the seconds field comes last" in preview
+
+
+@pytest.mark.django_db
+def test_admin_form_refuses_a_bad_interval_on_its_field(admin_client: Client):
+    response = admin_client.post(reverse("admin:sisy_celery_task_add"), form_data(schedule="every 5x"))
+    assert response.status_code == 200
+    form_errors = response.context["adminform"].form.errors
+    assert list(form_errors) == ["schedule"] and form_errors["schedule"][0].startswith("Invalid interval schedule")
+    assert not Task.objects.exists()

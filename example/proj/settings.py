@@ -93,6 +93,7 @@ if DATABASES["default"]["ENGINE"].endswith("mysql"):
 BROKER_DIR = VAR_DIR / "broker"
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "filesystem://")
 if CELERY_BROKER_URL.startswith("filesystem"):
+    CELERY_BROKER_TRANSPORT = "proj.brokers:FilesystemTransport"  # whole messages only (see brokers.py)
     for sub in ("queue", "processed", "control"):
         (BROKER_DIR / sub).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
@@ -112,6 +113,7 @@ if CELERY_BROKER_URL.startswith(("redis://", "rediss://")) and os.environ.get("C
         "unacked_restore_interval": 1,
         "unacked_restore_throttle": 1,
     }
+CELERY_BEAT_SCHEDULER = "sisy_celery.Scheduler"  # `celery -A proj beat` needs no -S
 CELERY_RESULT_BACKEND = "django-db"
 CELERY_RESULT_EXTENDED = True
 CELERY_TASK_TRACK_STARTED = True

@@ -1,14 +1,15 @@
 """Headless Chromium from Debian's packages, driven by Selenium, for the admin browser tests.
 
 The browser is installed with apt when it is missing (never downloaded by Selenium
-or a test helper), so a fresh CI machine needs nothing set up by hand.
+or a test helper), so a fresh CI machine needs nothing set up by hand; the test run
+says so on the terminal before it does.
 """
 from __future__ import annotations
 
 import os
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,10 +28,12 @@ CHROMIUM_FLAGS = (
 )
 
 
-def install_chromium() -> None:
-    """Install Debian's chromium and chromium-driver if either binary is missing."""
+def install_chromium(say: Callable[[str], None]) -> None:
+    """Install Debian's chromium and chromium-driver if either binary is missing, saying so first."""
     if CHROMIUM.exists() and CHROMEDRIVER.exists():
         return
+    say("browser tests: chromium or chromedriver is missing; installing Debian's chromium and "
+        "chromium-driver packages (apt-get update, apt-get install -y chromium chromium-driver)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update"], check=True, env=env, stdout=subprocess.DEVNULL)
     subprocess.run(["apt-get", "install", "-y", "chromium", "chromium-driver"], check=True, env=env,
@@ -38,8 +41,13 @@ def install_chromium() -> None:
 
 
 @pytest.fixture(scope="session")
-def chromium() -> None:
-    install_chromium()
+def chromium(pytestconfig: pytest.Config) -> None:
+    def say(text: str) -> None:
+        """Print past pytest's output capture: installing system packages is never silent."""
+        with pytestconfig.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+            print(f"\n{text}", flush=True)
+
+    install_chromium(say)
 
 
 @pytest.fixture

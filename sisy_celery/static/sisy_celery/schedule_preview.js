@@ -14,6 +14,12 @@
         if (data.error) {
             nodes.push(text("p", "errornote", data.error));
         } else {
+            if (data.warnings && data.warnings.length) {
+                const warnings = document.createElement("ul");
+                warnings.className = "messagelist";
+                for (const warning of data.warnings) { warnings.appendChild(text("li", "warning", warning)); }
+                nodes.push(warnings);
+            }
             nodes.push(text("p", "quiet", data.description));
             const list = document.createElement("ol");
             for (const run of data.runs) {
@@ -34,7 +40,8 @@
         let timer = null;
         let latest = 0;
         function refresh() {
-            const query = new URLSearchParams({schedule: schedule.value, timezone: zone ? zone.value : ""});
+            const query = new URLSearchParams({schedule: schedule.value, timezone: zone ? zone.value : "",
+                                               anchor: box.dataset.anchor || ""});
             const request = ++latest;
             fetch(box.dataset.url + "?" + query, {credentials: "same-origin", headers: {Accept: "application/json"}})
                 .then(response => response.json())
