@@ -15,7 +15,7 @@ from cron_descriptor import ExpressionDescriptor, Options
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.contrib.admin.utils import quote, unquote
-from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.exceptions import ImproperlyConfigured, PermissionDenied, ValidationError
 from django.core.paginator import Paginator
 from django.db import connections
 from django.db.models import QuerySet
@@ -321,7 +321,7 @@ class TaskAdmin(admin.ModelAdmin):
         try:
             check_allowed(task._func_info or {})
             celery_id = run_now(task, by=f"admin:{request.user}")
-        except (CallableError, NotSent) as exc:
+        except (CallableError, NotSent, ImproperlyConfigured) as exc:
             self.message_user(request, f"{task} (id {task.pk}) not sent: {exc}", messages.ERROR)
         except TaskBusy as exc:
             self.message_user(request, str(exc), messages.WARNING)

@@ -15,7 +15,7 @@ from django.apps import apps
 from django.conf import settings
 from django.core.checks import ERROR, Error, Warning, register, run_checks
 from django.core.exceptions import ImproperlyConfigured
-from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 
 from . import conf, schedules
 
@@ -29,11 +29,17 @@ def refuse_to_start(process: str) -> None:
     """Run the system checks in a starting beat or worker, as runserver does, and exit non-zero with the
     message of each error: a global misconfiguration stops the process instead of being blamed on task
     rows. (Celery's own Django fix-up runs the checks in a worker but ignores what they find.)"""
-    errors = [m for m in run_checks() if m.level >= ERROR]
+    errors = [str(m) for m in run_checks() if m.level >= ERROR]
+    try:
+        unmigrated = unapplied_migrations()
+    except DatabaseError as exc:  # unreachable now: beat and workers wait for the database
+        logger.warning("sisy %s could not check its migrations (database unavailable: %s)", process, exc)
+    else:
+        errors += [unmigrated] if unmigrated else []
     for message in errors:
         logger.error("sisy %s cannot start: %s", process, message)
     if errors:
-        raise SystemExit(f"sisy {process} cannot start:\n" + "\n".join(str(m) for m in errors))
+        raise SystemExit(f"sisy {process} cannot start:\n" + "\n".join(errors))
 
 
 @register()

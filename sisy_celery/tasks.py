@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from . import engine
 from .callables import CallableError, call_arity, check_allowed, resolve
+from .checks import configured_app
 from .dispatch import TASK_NAME, BrokerUnavailable, Dispatcher
 from .models import Task
 from .signals import parse_slot, track
@@ -101,11 +102,14 @@ def run_now(task: Task, app: Celery | None = None, by: str = "run now") -> str:
     """Claim and send one run of ``task`` now, under beat's rules and routing; return its Celery id.
 
     TaskBusy if beat's rules refuse it; BrokerUnavailable (the run is revoked) if the broker is
-    unreachable; NotSent if the broker refused the message (the task is flagged).
+    unreachable; NotSent if the broker refused the message (the task is flagged);
+    ImproperlyConfigured, before anything is claimed, if this process has no Celery app of its own.
     """
+    app = app or current_app._get_current_object()
+    configured_app(app)
     now = timezone.now()
     run = engine.claim_now(task, now, by)
-    dispatcher = Dispatcher(app or current_app)
+    dispatcher = Dispatcher(app)
     try:
         sent = engine.publish([run], dispatcher, now)
     except BrokerUnavailable:

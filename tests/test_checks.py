@@ -180,6 +180,7 @@ def test_no_allow_list_in_production_stops_beat_and_worker(command, tmp_path):
     assert "SISY_ALLOWED_MODULES = '__all__'" in done.stdout + done.stderr
 
 
+@pytest.mark.django_db
 def test_beat_and_worker_start_check_passes_with_good_settings():
     assert refuse_to_start("beat") is None
 
@@ -321,3 +322,38 @@ def test_unapplied_migrations_say_to_run_migrate(tmp_path):
     assert f"({len(names) - 1} migration(s) not applied: {', '.join(names[1:])})" in probe_migrations(tmp_path, database)
     assert django_command(tmp_path, database, "migrate", "-v0").returncode == 0
     assert probe_migrations(tmp_path, database) == "all applied"
+
+
+UNMIGRATED_SETTINGS = """
+from tests.settings import *  # noqa: F403
+DATABASES = {'default': {'ENGINE': 'django.db.backends.sqlite3', 'NAME': 'fresh.sqlite3'}}
+"""
+
+
+@pytest.mark.parametrize("command", [["beat", "-S", "sisy_celery.Scheduler"], ["worker", "-P", "solo"]])
+def test_beat_and_worker_started_before_migrate_say_so_in_one_line(command, tmp_path):
+    (tmp_path / "unmigrated_settings.py").write_text(UNMIGRATED_SETTINGS)
+    env = dict(os.environ, DJANGO_SETTINGS_MODULE="unmigrated_settings",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]))
+    done = subprocess.run([sys.executable, "-m", "celery", "-A", "tests.celery_app", *command,
+                           *(["-s", str(tmp_path / "schedule")] if "beat" in command else [])],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "sisy_celery's tables on database 'default' are not migrated" in output
+    assert "run `python manage.py migrate`" in output and "Traceback" not in output
+
+
+@pytest.mark.django_db
+def test_run_now_from_a_process_without_its_celery_app_claims_nothing():
+    from sisy_celery.models import Run, task_with_callable
+    from sisy_celery.tasks import run_now
+    from tests.testapp import jobs
+
+    task = task_with_callable(jobs.job, label="unsent")
+    task.save()
+    fallback = Celery("default", set_as_current=False)
+    fallback.fixups = []
+    with pytest.raises(ImproperlyConfigured, match="proj/celery.py"):
+        run_now(task, app=fallback)
+    assert not Run.objects.filter(task_id=task.pk).exists()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from sisy_celery.callables import CallableError, check_allowed
@@ -39,7 +40,7 @@ class Command(BaseCommand):
         try:
             check_allowed(found._func_info or {})
             celery_id = run_now(found, by="sisy_run")
-        except (CallableError, TaskBusy, NotSent) as exc:
+        except (CallableError, TaskBusy, NotSent, ImproperlyConfigured) as exc:
             raise CommandError(f"Task {found.pk} ({found.label}) not sent: {exc}") from None
         except BrokerUnavailable as exc:  # run_now has revoked the run it claimed
             raise CommandError(f"Task {found.pk} ({found.label}) not sent: the broker is unreachable ({exc}).") from None
