@@ -412,9 +412,10 @@ class _AmqpTransport(_Transport):
     The frames are the ones py-amqp's frame writer makes for ``Channel.basic_publish`` of the
     message kombu's ``Channel.prepare_message`` builds. Each distinct queue is declared once per
     connection first, as kombu's publish does; a declaration the broker refuses (a reserved
-    ``amq.`` name, a name over 255 bytes, an exchange that does not exist) refuses the messages
-    of that route only. A channel error while the batch is confirmed (an exchange that does not
-    exist, a message over the broker's size limit) closes the channel from that message on: the
+    ``amq.`` name, a name over 255 bytes, an exchange that does not exist: checked once per
+    connection) refuses the messages of that route only. A channel error while the batch is
+    confirmed (a message over the broker's size limit, an exchange deleted since it was checked)
+    closes the channel from that message on: the
     unconfirmed messages are then published again one by one until the one the broker refuses
     is found, and the rest as a new batch. Those republished ones may reach the queue twice (the
     broker can take a message and close the channel before it confirms it); the worker drops copies.
@@ -426,6 +427,7 @@ class _AmqpTransport(_Transport):
         self.channel_errors = connection.channel_errors
         self.channel.events["basic_ack"].add(self._on_ack)
         self.channel.events["basic_nack"].add(self._on_nack)
+        self.exchanges: set[str] = set()  # exchanges known to exist on this connection
         self._confirming()
 
     def _confirming(self) -> None:
@@ -531,6 +533,10 @@ class _AmqpTransport(_Transport):
         """The payload of a route's basic.publish frame, after declaring its queue; a _Refused if either fails."""
         try:
             self.declare(route, self.channel)
+            if route.exchange and route.exchange not in self.exchanges:
+                # An exchange kombu did not declare (no_declare, or named by a route): does it exist?
+                self.channel.exchange_declare(route.exchange, "", passive=True)
+                self.exchanges.add(route.exchange)
             arguments = pack(">HH", _BASIC, 40) + amqp_dumps(
                 "Bssbb", (0, route.exchange, route.routing_key, route.mandatory, route.immediate))
         except self.channel_errors as exc:  # the broker closed the channel; py-amqp has reopened it
@@ -561,6 +567,7 @@ class Dispatcher:
         self._builder = _Builder(app)
         self._connection: Connection | None = None
         self._transport: _Transport | None = None
+        self._events: Any = None  # the events dispatcher of task_send_sent_event
 
     def publish(self, messages: Sequence[Outgoing]) -> list[tuple[Outgoing, str]]:
         """Publish all messages, in order. Return the messages the broker refused one by one, each with a
@@ -584,6 +591,8 @@ class Dispatcher:
             raise BrokerUnavailable(_reason(exc)) from exc
         if signals.after_task_publish.receivers:
             self._builder.after(built)
+        if self._builder.sent_event:
+            self._sent_events(built, {id(message) for message, _ in failed})
         refused += [(message.outgoing, reason) for message, reason in failed]
         if refused:
             order = {id(outgoing): index for index, outgoing in enumerate(messages)}
@@ -591,6 +600,23 @@ class Dispatcher:
             for outgoing, reason in refused:
                 logger.warning("sisy message %s was refused: %s", outgoing.task_id, reason)
         return refused
+
+    def _sent_events(self, messages: list[_Message], failed: set[int]) -> None:
+        """The ``task-sent`` events send_task emits when ``task_send_sent_event`` is on."""
+        try:
+            if self._events is None:
+                self._events = self._app.events.Dispatcher(self._connection, enabled=True)
+            for message in messages:
+                if id(message) in failed:
+                    continue
+                headers, route = message.headers, message.route
+                self._events.send("task-sent", uuid=headers["id"], root_id=headers["root_id"], parent_id=None,
+                                  name=TASK_NAME, args=headers["argsrepr"], kwargs=headers["kwargsrepr"], retries=0,
+                                  eta=None, expires=headers["expires"],
+                                  queue=route.queue.name if route.queue else None, exchange=route.exchange,
+                                  routing_key=route.routing_key)
+        except Exception:  # the runs are published; a monitor missing their events must not undo that
+            logger.warning("sisy could not send the task-sent events of a batch", exc_info=True)
 
     def _connect(self) -> _Transport:
         if self._transport is not None:
@@ -616,7 +642,7 @@ class Dispatcher:
 
     def close(self) -> None:
         """Close the connection (the next publish makes a new one)."""
-        connection, self._connection, self._transport = self._connection, None, None
+        connection, self._connection, self._transport, self._events = self._connection, None, None, None
         if connection is not None:
             try:
                 connection.release()
