@@ -28,6 +28,7 @@ from struct import error as struct_error, pack
 from typing import Any, Callable, Sequence
 
 import celery
+from amqp.basic_message import Message as AmqpMessage
 from amqp.serialization import dumps as amqp_dumps
 from celery import signals
 from celery.app.routes import MapRoute
@@ -106,14 +107,23 @@ class _Route:
 
 @dataclass
 class _Message:
-    """One message ready for a transport: Producer.publish's arguments, without serialization."""
+    """One message ready for a transport: Producer.publish's arguments, without serialization.
+
+    Its headers are the entries every message of the batch shares (one dict, never changed)
+    plus its own; the AMQP transport encodes the shared ones once per batch.
+    """
 
     outgoing: Outgoing
     route: _Route
-    headers: dict[str, Any]
+    shared: dict[str, Any]
+    own: dict[str, Any]
     properties: dict[str, Any]  #: correlation_id, reply_to, delivery_mode, expiration (ms) and extras
     priority: int
     expiration: float | None  #: seconds, as Producer.publish takes it
+
+    @property
+    def headers(self) -> dict[str, Any]:
+        return {**self.shared, **self.own}
 
     @property
     def body(self) -> tuple[list, dict, dict]:
@@ -121,10 +131,10 @@ class _Message:
 
     def encoded(self) -> tuple[Any, str, str]:
         """(body, content type, content encoding) as Producer.publish prepares them; compression
-        adds its header to ``headers``."""
+        adds its header."""
         content_type, content_encoding, body = serialize(self.body, serializer=self.route.serializer)
         if self.route.compression:
-            body, self.headers["compression"] = compress(body, self.route.compression)
+            body, self.own["compression"] = compress(body, self.route.compression)
         return body, content_type, content_encoding
 
 
@@ -224,11 +234,12 @@ class _Builder:
         """The messages of a batch, and the ones refused before reaching the broker."""
         now = self.app.now()
         reply_to = self.app.thread_oid
-        template = {
-            "lang": "py", "task": TASK_NAME, "id": None, "shadow": None, "eta": None, "expires": None,
-            "group": None, "group_index": None, "retries": 0, "timelimit": self.timelimit, "root_id": None,
-            "parent_id": None, "argsrepr": None, "kwargsrepr": "{}", "origin": anon_nodename(),
-            "ignore_result": None, "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {},
+        # The headers of as_task_v2 but id, root_id, argsrepr and expires, which are each message's.
+        shared = {
+            "lang": "py", "task": TASK_NAME, "shadow": None, "eta": None, "group": None, "group_index": None,
+            "retries": 0, "timelimit": self.timelimit, "parent_id": None, "kwargsrepr": "{}",
+            "origin": anon_nodename(), "ignore_result": None, "replaced_task_nesting": 0, "stamped_headers": None,
+            "stamps": {},
         }
         built: list[_Message] = []
         refused: list[tuple[Outgoing, str]] = []
@@ -242,38 +253,67 @@ class _Builder:
             if expires is None and self.default_expires is not None:
                 expires = (now + timedelta(seconds=self.default_expires)
                            if isinstance(self.default_expires, (int, float)) else self.default_expires)
-            headers = dict(template)
-            headers["id"] = headers["root_id"] = outgoing.task_id
-            headers["argsrepr"] = self.argsrepr(outgoing.args)
+            own = {"id": outgoing.task_id, "root_id": outgoing.task_id, "expires": None,
+                   "argsrepr": self.argsrepr(outgoing.args)}
             properties = {"correlation_id": outgoing.task_id, "reply_to": reply_to}
             properties.update(route.properties)
             expiration = None
             if expires is not None:
-                headers["expires"] = expires.isoformat()
+                own["expires"] = expires.isoformat()
                 expiration = (expires - now).total_seconds()
                 if expiration < 0:
                     logger.warning("sisy message %s expired %.1f s before it was published; the broker may drop it",
                                    outgoing.task_id, -expiration)
                     expiration = 0
                 properties["expiration"] = str(int(expiration * 1000))
-            headers.update(outgoing.headers)
+            common = shared
+            if outgoing.headers:
+                if shared.keys() & outgoing.headers.keys():  # the run overrides a shared header
+                    own, common = {**shared, **own}, {}
+                own.update(outgoing.headers)
             properties["delivery_mode"] = route.delivery_mode
             priority = outgoing.priority if outgoing.priority is not None else route.priority
-            built.append(_Message(outgoing, route, headers, properties, priority or 0, expiration))
+            built.append(_Message(outgoing, route, common, own, properties, priority or 0, expiration))
         return built, refused
 
     def before(self, message: _Message) -> None:
-        """Celery's ``before_task_publish`` signal, for projects that add headers there (tracing)."""
+        """Celery's ``before_task_publish`` signal, for projects that add headers there (tracing):
+        the headers it may change become the message's own."""
         route = message.route
+        message.own, message.shared = message.headers, {}
         signals.before_task_publish.send(
             sender=TASK_NAME, body=message.body, exchange=route.exchange, routing_key=route.routing_key,
-            declare=route.declare, headers=message.headers, properties=message.properties, retry_policy={})
+            declare=route.declare, headers=message.own, properties=message.properties, retry_policy={})
 
     def after(self, messages: Sequence[_Message]) -> None:
         for message in messages:
             signals.after_task_publish.send(sender=TASK_NAME, body=message.body, headers=message.headers,
                                             exchange=message.route.exchange,
                                             routing_key=message.route.routing_key)
+
+
+#: AMQP 0-9-1 basic properties in wire order: (flag bit, name, type), as py-amqp's Message lists them.
+_PROPERTY_LAYOUT = [(1 << (15 - index), key, kind) for index, (key, kind) in enumerate(AmqpMessage.PROPERTIES)]
+
+
+def _table_items(table: dict[str, Any]) -> bytes:
+    """The entries of an AMQP field table, as py-amqp writes them, without the table's length.
+
+    Strings and None (all of a sisy message's own headers) are written here; other values by py-amqp.
+    """
+    parts: list[bytes] = []
+    for key, value in table.items():
+        if value is None or isinstance(value, str):
+            name = key.encode()
+            parts += [pack("B", len(name)), name]
+            if value is None:
+                parts.append(b"V")
+            else:
+                data = value.encode("utf-8", "surrogatepass")
+                parts += [pack(">cI", b"S", len(data)), data]
+        else:
+            parts.append(amqp_dumps("F", ({key: value},))[4:])
+    return b"".join(parts)
 
 
 class _Transport:
@@ -482,6 +522,7 @@ class _AmqpTransport(_Transport):
         write = connection.transport.write
         chunk_size = connection.frame_max - 8
         channel_id = channel.channel_id
+        tables: dict[int, bytes] = {}
         buffer: list[bytes] = []
         size = 0
         for message in messages:
@@ -494,8 +535,7 @@ class _AmqpTransport(_Transport):
                 if isinstance(body, str):
                     content_encoding = content_encoding or "utf-8"
                     body = body.encode(content_encoding)
-                properties = channel.prepare_message(body, message.priority, content_type, content_encoding,
-                                                     message.headers, message.properties)._serialize_properties()
+                properties = self._properties(message, content_type, content_encoding, tables)
             except Exception as exc:  # arguments the serializer cannot encode
                 refused.append((message, _reason(exc)))
                 continue
@@ -528,6 +568,37 @@ class _AmqpTransport(_Transport):
         refused += [(message, "the broker did not take it (basic.nack)") for message in self.nacked]
         self.nacked = []
         return [], ""
+
+    def _properties(self, message: _Message, content_type: str, content_encoding: str,
+                    tables: dict[int, bytes]) -> bytes:
+        """The content header's property flags and list, as py-amqp serializes kombu's prepared message.
+
+        The headers table is most of the cost: the entries shared by the batch are encoded once
+        (``tables``), each message's own ones after them.
+        """
+        shared = tables.get(id(message.shared))
+        if shared is None:
+            shared = tables[id(message.shared)] = _table_items(message.shared)
+        own = _table_items(message.own)
+        values = {**message.properties, "content_type": content_type, "content_encoding": content_encoding,
+                  "application_headers": True, "priority": message.priority}
+        flags = 0
+        parts: list[bytes] = []
+        for bit, key, kind in _PROPERTY_LAYOUT:
+            value = values.get(key)
+            if value is None:
+                continue
+            flags |= bit
+            if kind == "F":
+                parts += [pack(">I", len(shared) + len(own)), shared, own]
+            elif kind == "s":
+                text = value.encode() if isinstance(value, str) else value
+                parts += [pack("B", len(text)), text]
+            elif kind == "o":
+                parts.append(pack("B", value))
+            else:
+                parts.append(amqp_dumps(kind, (value,)))
+        return pack(">H", flags) + b"".join(parts)
 
     def _method_frame(self, route: _Route) -> bytes | _Refused:
         """The payload of a route's basic.publish frame, after declaring its queue; a _Refused if either fails."""
