@@ -69,6 +69,15 @@ def queue_length(url: str) -> int:
         return conn.default_channel.queue_declare(QUEUE, passive=True).message_count
 
 
+def settled_length(url: str, n: int, patience: float = 60.0) -> int:
+    """The queue's length once it holds ``n`` messages, or after ``patience`` seconds: a publisher that
+    does not wait for the broker returns before the broker has taken everything."""
+    deadline = time.monotonic() + patience
+    while (held := queue_length(url)) < n and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return held
+
+
 def purge(url: str) -> None:
     with Connection(url) as conn:
         conn.default_channel.queue_purge(QUEUE)
@@ -132,7 +141,7 @@ def measure(url: str) -> dict[str, dict[int, float]]:
                 for kind, publish in kinds.items():
                     messages = runs(n, slot)
                     seconds = publish(messages)
-                    held = queue_length(url)
+                    held = settled_length(url, n)
                     if held != n:
                         raise RuntimeError(f"{kind}: the queue holds {held} of {n} messages")
                     purge(url)

@@ -455,10 +455,13 @@ class _AmqpTransport(_Transport):
     ``amq.`` name, a name over 255 bytes, an exchange that does not exist: checked once per
     connection) refuses the messages of that route only. A channel error while the batch is
     confirmed (a message over the broker's size limit, an exchange deleted since it was checked)
-    closes the channel from that message on: the
-    unconfirmed messages are then published again one by one until the one the broker refuses
-    is found, and the rest as a new batch. Those republished ones may reach the queue twice (the
-    broker can take a message and close the channel before it confirms it); the worker drops copies.
+    closes the channel from that message on: the unconfirmed messages are then published again
+    one by one until the one the broker refuses is found, and the rest as a new batch. Those
+    republished ones may reach the queue twice (the broker can take a message and close the
+    channel before it confirms it); the worker drops copies.
+
+    Each call returns once the broker has confirmed its batch (for persistent messages: written
+    them to disk), so its rate is bounded by the broker's intake, not by this process.
     """
 
     def __init__(self, connection: Connection) -> None:
