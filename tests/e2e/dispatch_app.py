@@ -44,4 +44,10 @@ def worker_app() -> Celery:
     return app
 
 
-app = worker_app()
+def __getattr__(name: str) -> Any:
+    """``app``, for ``celery -A dispatch_app``: made on first use, so that the tests importing
+    QUEUES and configure() get no Celery app (it would become the current one) and no task."""
+    if name == "app":
+        made = globals()["app"] = worker_app()
+        return made
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
