@@ -66,6 +66,7 @@ test-e2e: install
 bench: install
 	$(BIN)/python -m pip install -q -r bench/requirements.txt
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/dispatch.py
 
 clean:
 	rm -rf $(VENV) .venv-py* example/var artifacts .pytest_cache .hypothesis
