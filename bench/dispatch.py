@@ -149,6 +149,13 @@ def measure(url: str) -> dict[str, dict[int, float]]:
     finally:
         with Connection(url) as conn:
             conn.default_channel.queue_delete(QUEUE)
+        if url.startswith("redis"):  # kombu keeps the bindings of the queue's exchange in keys of their own
+            import redis
+
+            client = redis.Redis.from_url(url)
+            for key in client.scan_iter(match=f"*{QUEUE}*"):
+                client.delete(key)
+            client.close()
     return rates
 
 

@@ -393,7 +393,7 @@ def test_other_transports_publish_through_kombu(url: str, tmp_path: Any) -> None
     """Any other transport gets kombu's Producer.publish per message: same message as send_task."""
     folder = str(tmp_path)
     app = make_app(url, broker_transport_options={"data_folder_in": folder, "data_folder_out": folder,
-                                                  "processed_folder": folder})
+                                                  "processed_folder": folder, "control_folder": folder})
     slot = datetime.now(UTC)
     outgoing = Outgoing("id-9", args_for(9, slot), {"periodic_task_name": "sisy:9"}, priority=5,
                         expires=slot + timedelta(minutes=5))
