@@ -48,6 +48,8 @@ test-matrix:
 	  version=$${pair%/*}; django=$${pair#*/}; venv=.venv-py$$version-django$$django; \
 	  if [ ! -f $$venv/.installed-stamp ] || [ pyproject.toml -nt $$venv/.installed-stamp ]; then \
 	    echo "test-matrix: creating $$venv (Python $$version from $(PYENV_VERSIONS), Django $$django.x, the test extra)"; \
+	    test -x $(PYENV_VERSIONS)/$$version/bin/python \
+	      || { echo "test-matrix: no Python $$version in $(PYENV_VERSIONS) (pyenv install $$version)"; exit 1; }; \
 	    rm -rf $$venv; \
 	    $(PYENV_VERSIONS)/$$version/bin/python -m venv $$venv; \
 	    $$venv/bin/python -m pip install -q --upgrade pip; \
