@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,8 @@ PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
 REDIS = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/11")
 EVERY_MINUTE = "* * * * *"
 QUEUE = "celery"  # Celery's default queue, where beat's messages go
+# The example settings refuse DJANGO_DEBUG=0 without a key; one per benchmark run, shared by its processes.
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or secrets.token_urlsafe(50)
 
 
 def db_url(name: str) -> str:
@@ -35,6 +38,7 @@ def child_env(db: str, **extra: str) -> dict[str, str]:
         PYTHONUNBUFFERED="1",
         TIME_ZONE="UTC",
         DJANGO_DEBUG="0",
+        DJANGO_SECRET_KEY=SECRET_KEY,
     )
     env.update(extra)
     return env

@@ -164,12 +164,12 @@ class Cron:
         hour = self.fields[1]
         self.wildcard_hour = hour.startswith("*") or "/" in hour
         self.days_anded = _days_anded(self.fields)
-        days = self.fields[2::2][:2]
+        pattern = list(self.fields)
         if not self.days_anded and _covers_every_day(self.fields):
             # ORed with a field that names every day ('sun-sat', '1-31'): every day matches, where
             # croniter would read a whole-week field as '*' and keep the other field alone.
-            days = ["*", "*"]
-        self.pattern = " ".join([*self.fields[:2], days[0], self.fields[3], days[1], *self.fields[5:]])
+            pattern[2] = pattern[4] = "*"
+        self.pattern = " ".join(pattern)
 
     def following(self, wall: datetime) -> datetime:
         """The first matching naive wall time strictly after ``wall``."""
@@ -177,6 +177,7 @@ class Cron:
 
 
 def _covers_every_day(fields: list[str]) -> bool:
+    """True if either day field, expanded, holds every day of the month or of the week."""
     expanded = croniter.expand(" ".join(fields))[0]
     month_days, week_days = expanded[2], expanded[4]
     return "*" in month_days or set(range(1, 32)) <= set(month_days) \

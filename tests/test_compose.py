@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import re
+import secrets
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +151,7 @@ def test_environment_is_read_by_the_settings(compose: dict[str, Any]) -> None:
             assert settings_reads(variable), f"{name}: {variable} is not read by example/proj/settings.py"
         urls = service["environment"]
         assert urls["SISY_DATABASE_URL"].startswith("postgres://") and "@db:5432/" in urls["SISY_DATABASE_URL"]
-        assert urls["CELERY_BROKER_URL"].startswith("redis://redis:6379/")
+        assert urls["CELERY_BROKER_URL"].startswith("redis://:") and "@redis:6379/" in urls["CELERY_BROKER_URL"]
 
 
 def test_order_and_volumes(compose: dict[str, Any]) -> None:
@@ -190,3 +194,120 @@ def test_dockerfile(dockerfile: list[tuple[str, str]]) -> None:
     import json
 
     check_command(json.loads(cmd), "Dockerfile CMD")
+
+
+# -- secure by default ------------------------------------------------------------------------------
+
+SECRETS = ("DJANGO_SECRET_KEY", "POSTGRES_PASSWORD", "REDIS_PASSWORD")
+# What `manage.py check --deploy` still reports with the compose settings: plain HTTP on the loopback
+# port (README, Deployment: DJANGO_HTTPS=1 behind a TLS proxy turns them off).
+HTTPS_ITEMS = {"security.W004", "security.W008", "security.W012", "security.W016"}
+_VARIABLE = re.compile(r"\$\$|\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
+
+
+class MissingVariable(Exception):
+    """Compose stops with this message before it starts anything."""
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's substitution: ``${VAR}``, ``${VAR:-default}``, ``${VAR:?error}`` (and ``-``/``?``), ``$$``."""
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, operator, argument = match.groups()
+        value = env.get(name)
+        unset = value is None or (value == "" and operator in (":-", ":?"))
+        if operator in ("?", ":?") and unset:
+            raise MissingVariable(f"{name}: {argument}")
+        if operator in ("-", ":-") and unset:
+            return argument
+        return value or ""
+    return _VARIABLE.sub(substitute, text)
+
+
+def secrets_env() -> dict[str, str]:
+    return {name: secrets.token_urlsafe(50) for name in SECRETS}
+
+
+def compose_with(env: dict[str, str]) -> dict[str, Any]:
+    return yaml.safe_load(interpolate(COMPOSE.read_text(), env))
+
+
+@pytest.mark.parametrize("missing", SECRETS)
+def test_compose_refuses_to_start_without_each_secret(missing: str) -> None:
+    env = secrets_env()
+    del env[missing]
+    with pytest.raises(MissingVariable, match=rf"{missing}: set {missing} \(see README, Deployment\)"):
+        compose_with(env)
+    with pytest.raises(MissingVariable):
+        compose_with(dict(env, **{missing: ""}))
+    assert f"{missing}=$(python3 -c" in (ROOT / "README.md").read_text(), "README shows how to make it"
+
+
+def test_no_default_secrets_in_the_deployment_files(dockerfile: list[tuple[str, str]]) -> None:
+    text = COMPOSE.read_text()
+    for name in SECRETS:
+        assert re.search(rf"\$\{{{name}:?-", text) is None, f"{name} has a default"
+    assert "change-me" not in text
+    for instruction, args in dockerfile:
+        if instruction in ("ENV", "ARG"):
+            assert not re.search(r"SECRET|PASSWORD|TOKEN", args, re.I), f"{instruction} {args}"
+
+
+def test_every_service_gets_the_secrets_from_the_environment() -> None:
+    env = secrets_env()
+    services = compose_with(env)["services"]
+    assert services["db"]["environment"]["POSTGRES_PASSWORD"] == env["POSTGRES_PASSWORD"]
+    for name, service in app_services({"services": services}).items():
+        variables = service["environment"]
+        assert variables["DJANGO_SECRET_KEY"] == env["DJANGO_SECRET_KEY"], name
+        assert f":{env['POSTGRES_PASSWORD']}@db:5432/" in variables["SISY_DATABASE_URL"], name
+        assert variables["CELERY_BROKER_URL"] == f"redis://:{env['REDIS_PASSWORD']}@redis:6379/0", name
+        assert variables["DJANGO_DEBUG"] == "0", name
+
+
+def test_redis_requires_its_password() -> None:
+    env = secrets_env()
+    redis = compose_with(env)["services"]["redis"]
+    assert redis["environment"]["REDISCLI_AUTH"] == env["REDIS_PASSWORD"]  # redis-cli (health check) reads it
+    command = " ".join(redis["command"])
+    assert '--requirepass "$REDISCLI_AUTH"' in command and env["REDIS_PASSWORD"] not in command
+
+
+def test_only_the_web_port_is_published_and_only_on_the_loopback(compose: dict[str, Any]) -> None:
+    published = {name: service["ports"] for name, service in compose["services"].items() if "ports" in service}
+    assert set(published) == {"web"}
+    assert all(str(port).startswith("127.0.0.1:") for port in published["web"]), published
+    assert not any(service.get("network_mode") == "host" for service in compose["services"].values())
+
+
+def deploy_check(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """``manage.py check --deploy`` of the example project with the web service's environment."""
+    web = compose_with(env)["services"]["web"]["environment"]
+    process_env = {key: value for key, value in os.environ.items() if not key.startswith(("DJANGO_", "SISY_"))}
+    process_env.update({key: str(value) for key, value in web.items()},
+                       DJANGO_SETTINGS_MODULE="proj.settings", PYTHONPATH=str(EXAMPLE), SISY_VAR_DIR=str(tmp_path))
+    return subprocess.run([sys.executable, str(EXAMPLE / "manage.py"), "check", "--deploy"], env=process_env,
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+def test_check_deploy_with_the_compose_settings_reports_only_the_https_items(tmp_path: Path) -> None:
+    done = deploy_check(secrets_env(), tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert set(re.findall(r"\((\w+\.[WE]\d+)\)", done.stdout + done.stderr)) == HTTPS_ITEMS, done.stdout + done.stderr
+
+
+def test_check_deploy_behind_https_reports_only_the_hsts_preload_choice(tmp_path: Path) -> None:
+    # W021: SECURE_HSTS_PRELOAD asks browsers to hard-code HTTPS for the domain; that is the site's to choose.
+    done = deploy_check(dict(secrets_env(), DJANGO_HTTPS="1"), tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert set(re.findall(r"\((\w+\.[WE]\d+)\)", done.stdout + done.stderr)) == {"security.W021"}, done.stdout
+
+
+def test_example_settings_refuse_to_run_without_a_secret_key_when_debug_is_off(tmp_path: Path) -> None:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("DJANGO_", "SISY_"))}
+    env.update(DJANGO_DEBUG="0", PYTHONPATH=str(EXAMPLE), SISY_VAR_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", "import proj.settings"], env=env, capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "ImproperlyConfigured: Set DJANGO_SECRET_KEY: with DJANGO_DEBUG=0 there is no default key" in done.stderr
