@@ -355,7 +355,7 @@ class RedisBroker(Broker):
 
 class AmqpBroker(Broker):
     """A virtual host of the local RabbitMQ made for this stack with ``rabbitmqctl`` and deleted
-    after it; without ``rabbitmqctl``, the default vhost with the stack's queues purged."""
+    after it: the shared default vhost is never used (tests check ``rabbitmqctl`` beforehand)."""
 
     def __init__(self, kind: str, queues: tuple[str, ...]) -> None:
         super().__init__(kind)
@@ -363,20 +363,17 @@ class AmqpBroker(Broker):
         self.vhost: str | None = None
 
     @staticmethod
-    def _ctl(*args: str) -> bool:
-        try:
-            done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
-            return False
-        return done.returncode == 0
+    def _ctl(*args: str) -> None:
+        done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60)
+        if done.returncode:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {done.stdout}{done.stderr}")
 
     def acquire(self) -> str:
         vhost = f"sisy_e2e_{secrets.token_hex(4)}"
-        if self._ctl("add_vhost", vhost) and self._ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"):
-            self.vhost = vhost
-            self.url = f"{AMQP_URL.rstrip('/')}/{vhost}"
-        else:
-            self.url = AMQP_URL
+        self._ctl("add_vhost", vhost)
+        self.vhost = vhost
+        self._ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        self.url = f"{AMQP_URL.rstrip('/')}/{vhost}"
         self.reset()
         return self.url
 
@@ -400,8 +397,6 @@ class AmqpBroker(Broker):
         if self.vhost is not None:
             self._ctl("delete_vhost", self.vhost)
             self.vhost = None
-        else:
-            self.reset()
 
 
 def make_broker(kind: str, queues: tuple[str, ...]) -> Broker:
@@ -479,8 +474,7 @@ class Stack:
         self._stop_driver()
         if self._created:
             self.db.drop()
-        if self.broker:
-            self._broker.release()
+        self._broker.release()  # also a vhost made before a failed setup
 
     def reset(self) -> None:
         """Forget the previous test: stop its processes and delete tasks, runs, accounts, results."""

@@ -34,6 +34,7 @@ from typing import Any
 import pytest
 
 from sisy_celery.scheduler import Scheduler
+from tests.conftest import skip_unless
 from tests.e2e.harness import PG, UTC, Proc, Run, Stack, now, overlaps, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -487,8 +488,6 @@ def test_worker_killed_during_a_slow_run_without_overlap(stack: Stack, make_stac
     lease = 6 if acks_late else LEASE
     env = {"SISY_RUNNING_TIMEOUT": str(lease)}
     if acks_late:
-        if shutil.which("rabbitmqctl") is None:
-            pytest.skip("rabbitmqctl is not installed")
         stack = make_stack("postgres", "amqp")
         env.update(CELERY_TASK_ACKS_LATE="1")
     workers = stack.up(workers=2, env=env)[:2]
@@ -671,8 +670,7 @@ class PrivateRedis:
 
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
+    skip_unless(shutil.which("redis-server"), "redis-server is not installed")
     server = PrivateRedis(tmp_path)
     server.start()
     try:
@@ -715,8 +713,6 @@ def test_redis_restarted_while_beat_runs(make_stack: Any, private_redis: Private
 
 
 def test_rabbitmq_restarted_while_beat_runs(make_stack: Any, summary: FaultSummary) -> None:
-    if shutil.which("rabbitmqctl") is None:
-        pytest.skip("rabbitmqctl is not installed")
     stack = make_stack("postgres", "amqp")
     outage_test(stack, summary, "5b RabbitMQ stop_app, start_app after 4 s", rabbitmq_outage, "broker")
 
