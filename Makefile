@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST := $(BIN)/python -m pytest
+# Branch coverage of each module of the package, printed by the unit passes.
+COVERAGE := --cov=sisy_celery --cov-branch --cov-report=term-missing
 
 .PHONY: install demo test test-unit test-postgres test-e2e bench clean
 
@@ -22,10 +24,10 @@ demo: install
 test: install test-unit test-postgres test-e2e
 
 test-unit: install
-	$(PYTEST) -m "not e2e and not browser"
+	$(PYTEST) -m "not e2e and not browser" $(COVERAGE)
 
 test-postgres: install
-	SISY_TEST_DB=postgres $(PYTEST) -m "not e2e and not browser"
+	SISY_TEST_DB=postgres $(PYTEST) -m "not e2e and not browser" $(COVERAGE)
 
 test-e2e: install
 	$(PYTEST) -m "e2e or browser"
@@ -35,4 +37,4 @@ bench: install
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) example/var artifacts .pytest_cache .hypothesis
+	rm -rf $(VENV) example/var artifacts .pytest_cache .hypothesis .coverage
