@@ -41,15 +41,15 @@ def stack(pg_redis: Stack) -> Iterator[Stack]:
 
 
 class StackFactory:
-    """``make_stack(db, broker, **env)``: a fresh, migrated stack, torn down after the test."""
+    """``make_stack(db, broker, proxied=(), **env)``: a fresh, migrated stack, torn down after the test."""
 
     def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
         self.tmp_path_factory = tmp_path_factory
         self.stacks: list[Stack] = []
 
-    def __call__(self, db: str, broker: str, **env: str) -> Stack:
+    def __call__(self, db: str, broker: str, proxied: tuple[str, ...] = (), **env: str) -> Stack:
         require_stack(db, broker)
-        stack = Stack(db, broker, self.tmp_path_factory.mktemp(f"{db}-{broker}"), env=env)
+        stack = Stack(db, broker, self.tmp_path_factory.mktemp(f"{db}-{broker}"), env=env, proxied=proxied)
         self.stacks.append(stack)
         return stack.setup()
 

@@ -16,6 +16,10 @@ so the test process itself needs no Django.
         wait_for(lambda: stack.runs(task), 10, "the run")
     finally:
         stack.teardown()
+
+A stack made with ``proxied=("database", "broker")`` puts a :class:`~tests.e2e.proxy.Proxy` in
+front of each, and ``with stack.outage("broker"):`` cuts it: the stack's processes lose the server
+while the server itself, shared with others, stays as it is.
 """
 from __future__ import annotations
 
@@ -28,10 +32,15 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, TypeVar
+from urllib.parse import urlsplit
+
+from tests.e2e.proxy import Proxy
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "example"
@@ -420,9 +429,17 @@ class Stack:
     #: queues the tests publish to; purged on AMQP at setup and teardown
     queues = ("celery", "other", "expiring")
 
-    def __init__(self, db: str, broker: str, workdir: Path, env: dict[str, str] | None = None) -> None:
+    #: the parts of a stack that can sit behind a proxy (see :meth:`outage`)
+    components = ("database", "broker")
+
+    def __init__(self, db: str, broker: str, workdir: Path, env: dict[str, str] | None = None,
+                 proxied: Iterable[str] = ()) -> None:
         if db not in DATABASES:
             raise ValueError(f"database kind {db!r} is not one of {sorted(DATABASES)}")
+        self.proxied = tuple(proxied)
+        if set(self.proxied) - set(self.components):
+            raise ValueError(f"proxied {self.proxied!r}: only {self.components} can be")
+        self.proxies: dict[str, Proxy] = {}
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.db = DATABASES[db](self.workdir)
@@ -447,8 +464,8 @@ class Stack:
             "DJANGO_SETTINGS_MODULE": "proj.settings",
             "PYTHONPATH": str(EXAMPLE),
             "PYTHONUNBUFFERED": "1",
-            "SISY_DATABASE_URL": self.db.url,
-            "CELERY_BROKER_URL": self.broker,
+            "SISY_DATABASE_URL": self._through_proxy("database", self.db.url),
+            "CELERY_BROKER_URL": self._through_proxy("broker", self.broker),
             "SISY_VAR_DIR": str(self.workdir / "var"),
             "SISY_HEARTBEAT_FREQUENCY": "1",
         })
@@ -456,10 +473,20 @@ class Stack:
         env.update(extra)
         return env
 
+    def _through_proxy(self, component: str, url: str) -> str:
+        proxy = self.proxies.get(component)
+        return proxy.url(url) if proxy else url
+
     def setup(self) -> "Stack":
         self.broker = self._broker.acquire()
         self.db.create()
         self._created = True
+        for component, url in (("database", self.db.url), ("broker", self.broker)):
+            if component in self.proxied:
+                target = urlsplit(url)
+                if not target.hostname or not target.port:
+                    raise ValueError(f"{url} names no server that a proxy could stand in front of")
+                self.proxies[component] = Proxy(target.hostname, target.port).start()
         migrate = subprocess.run(
             [sys.executable, str(EXAMPLE / "manage.py"), "migrate", "-v0", "--no-input"],
             cwd=self.workdir, env=self.env(), capture_output=True, text=True, timeout=180,
@@ -472,6 +499,9 @@ class Stack:
         for proc in self.processes:
             self.kill(proc)  # the database and the broker's messages are thrown away anyway
         self._stop_driver()
+        for proxy in self.proxies.values():
+            proxy.stop()
+        self.proxies.clear()
         if self._created:
             self.db.drop()
         self._broker.release()  # also a vhost made before a failed setup
@@ -486,6 +516,18 @@ class Stack:
                       "sisy_celery_beatprocess"):
             self.db.query(f"DELETE FROM {table}")
         self._broker.reset()
+
+    @contextmanager
+    def outage(self, component: str) -> Iterator[None]:
+        """The stack's processes lose ``component`` ('database' or 'broker', which must be proxied)
+        until the block ends: open connections are reset, new ones refused. The harness's own
+        queries go straight to the server and keep working."""
+        proxy = self.proxies.get(component)
+        if proxy is None:
+            raise ValueError(f"{component} is not behind a proxy: make the stack with proxied=({component!r},)")
+        with proxy.outage():
+            yield
+        self._stop_driver()  # its connections were reset: the next run() starts a fresh one
 
     # -- code inside the project
 

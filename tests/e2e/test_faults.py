@@ -1,5 +1,5 @@
 """Fault injection: real worker and beat processes of the example project, with beats and workers
-killed (``kill -9``), the database and the brokers taken away, broken rows, forged messages and a
+killed (``kill -9``), the database and the brokers cut off at a proxy, broken rows, forged messages and a
 clock that crosses DST changes.
 
 Every test runs every-second (or every-few-seconds) tasks whose callables record each run in
@@ -19,13 +19,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import socket
-import subprocess
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -34,8 +30,7 @@ from typing import Any
 import pytest
 
 from sisy_celery.scheduler import Scheduler
-from tests.conftest import skip_unless
-from tests.e2e.harness import PG, UTC, Proc, Run, Stack, now, overlaps, wait_for
+from tests.e2e.harness import UTC, Proc, Run, Stack, now, overlaps, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -542,26 +537,6 @@ def test_worker_killed_during_a_slow_run_without_overlap(stack: Stack, make_stac
 # -- 4. the database goes away while beat and workers run -----------------------------------
 
 
-@contextmanager
-def database_outage(stack: Stack) -> Iterator[None]:
-    """The stack's database refuses connections and loses the open ones until the block ends
-    (the server itself stays up for everyone else)."""
-    import psycopg
-
-    name = stack.db.name
-    with psycopg.connect(dbname="postgres", autocommit=True, connect_timeout=5, **PG) as admin:
-        admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
-        try:
-            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                          "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
-            yield
-        finally:
-            admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
-            # The harness's own connections were terminated too: open new ones.
-            stack.db.close()
-            stack._stop_driver()
-
-
 def outage_expectations(stack: Stack, pks: list[int], first_slots: dict[int, datetime], down: datetime,
                         resumed: datetime, end: datetime) -> Expect:
     """Every slot before the outage and after beat resumed runs once (but the slots beat skipped
@@ -613,108 +588,26 @@ def outage_test(stack: Stack, summary: FaultSummary, fault: str, outage: Any, co
     assert not overlaps(stack.runs(no_overlap))
 
 
-def test_database_connections_killed_and_refused_while_beat_and_workers_run(stack: Stack, summary: FaultSummary) -> None:
-    outage_test(stack, summary, "4 PostgreSQL connections terminated, database refusing connections 4 s",
-                lambda: database_outage(stack), "database")
+def test_database_connections_killed_and_refused_while_beat_and_workers_run(make_stack: Any,
+                                                                            summary: FaultSummary) -> None:
+    stack = make_stack("postgres", "redis", proxied=("database",))
+    outage_test(stack, summary, "4 PostgreSQL cut at a proxy: connections reset, new ones refused, 4 s",
+                lambda: stack.outage("database"), "database")
 
 
-# -- 5. the broker restarted while beat runs --------------------------------------------------
+# -- 5. the broker cut while beat runs ---------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def test_redis_cut_while_beat_runs(make_stack: Any, summary: FaultSummary) -> None:
+    stack = make_stack("postgres", "redis", proxied=("broker",))
+    outage_test(stack, summary, "5a Redis cut at a proxy: connections reset, new ones refused, 4 s",
+                lambda: stack.outage("broker"), "broker")
 
 
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-class PrivateRedis:
-    """A ``redis-server`` of this test alone (same binary and options as CI's), so that restarting
-    it cannot disturb other stacks or test sessions using the shared server."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        with open(self.workdir / "redis.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", str(self.workdir)], stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
-        wait_for(lambda: port_open(self.port), 10, f"redis-server on port {self.port}")
-
-    def stop(self) -> None:
-        """``SHUTDOWN NOSAVE``: every message still in Redis is gone, as after a crash."""
-        if self.proc is not None and self.proc.poll() is None:
-            subprocess.run(["redis-cli", "-p", str(self.port), "shutdown", "nosave"], capture_output=True, timeout=10)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    skip_unless(shutil.which("redis-server"), "redis-server is not installed")
-    server = PrivateRedis(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
-
-
-@contextmanager
-def rabbitmq_outage() -> Iterator[None]:
-    """``rabbitmqctl stop_app`` … ``start_app``: the node refuses AMQP until the block ends."""
-    rabbitmqctl("stop_app")
-    try:
-        yield
-    finally:
-        rabbitmqctl("start_app")
-        rabbitmqctl("await_startup")
-        wait_for(lambda: port_open(5672), 60, "RabbitMQ to listen again")
-
-
-def test_redis_restarted_while_beat_runs(make_stack: Any, private_redis: PrivateRedis, summary: FaultSummary,
-                                         tmp_path: Path) -> None:
-    stack = Stack("postgres", private_redis.url, tmp_path / "stack")
-    make_stack.stacks.append(stack)  # torn down, and its logs shown on failure, with the factory's
-    stack.setup()
-
-    @contextmanager
-    def restart() -> Iterator[None]:
-        private_redis.stop()
-        try:
-            yield
-        finally:
-            private_redis.start()
-
-    outage_test(stack, summary, "5a Redis restarted (SHUTDOWN NOSAVE, back after 4 s)", restart, "broker")
-
-
-def test_rabbitmq_restarted_while_beat_runs(make_stack: Any, summary: FaultSummary) -> None:
-    stack = make_stack("postgres", "amqp")
-    outage_test(stack, summary, "5b RabbitMQ stop_app, start_app after 4 s", rabbitmq_outage, "broker")
+def test_rabbitmq_cut_while_beat_runs(make_stack: Any, summary: FaultSummary) -> None:
+    stack = make_stack("postgres", "amqp", proxied=("broker",))
+    outage_test(stack, summary, "5b RabbitMQ cut at a proxy: connections reset, new ones refused, 4 s",
+                lambda: stack.outage("broker"), "broker")
 
 
 # -- 6. rows broken behind the API's back -------------------------------------------------------
