@@ -693,6 +693,18 @@ class Stack:
 # -- checks shared by the tests ------------------------------------------------------------
 
 
+def logged_at(proc: Proc, needle: str, after: datetime | None = None) -> datetime | None:
+    """When ``proc`` first logged a line containing ``needle`` (after ``after``), as an aware time."""
+    for line in proc.text().splitlines():
+        match = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})", line)
+        if match and needle in line:
+            moment = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S").replace(
+                microsecond=int(match.group(2)) * 1000).astimezone(UTC)
+            if after is None or moment > after:
+                return moment
+    return None
+
+
 def duplicate_slots(runs: list[Run]) -> list[tuple[int, datetime]]:
     seen: set[tuple[int, datetime]] = set()
     duplicates = []

@@ -17,7 +17,6 @@ Slow: selected with ``-m slow``; ``make test`` runs them with the other e2e test
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections import Counter, defaultdict
@@ -30,7 +29,7 @@ from typing import Any
 import pytest
 
 from sisy_celery.scheduler import Scheduler
-from tests.e2e.harness import UTC, Proc, Run, Stack, now, overlaps, wait_for
+from tests.e2e.harness import UTC, Proc, Run, Stack, logged_at, now, overlaps, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -248,24 +247,19 @@ def sleep_until(moment: datetime) -> None:
     time.sleep(max(0.0, (moment - now()).total_seconds()))
 
 
+def dispatched_past(stack: Stack, moment: datetime, timeout: float = 30) -> None:
+    """Wait until a beat of ``stack`` has logged a message for a slot later than ``moment``: it
+    dispatches slots in order, so every slot up to ``moment`` has had its turn."""
+    wait_for(lambda: any(slot > moment for _, slot in sent_messages(stack)), timeout,
+             f"beat to dispatch a slot after {moment.time()}")
+
+
 def whole_second(moment: datetime) -> datetime:
     return moment.replace(microsecond=0)
 
 
 def logs(stack: Stack, kind: str | None = None) -> str:
     return "\n".join(proc.text() for proc in stack.processes if kind is None or proc.kind == kind)
-
-
-def logged_at(proc: Proc, needle: str, after: datetime | None = None) -> datetime | None:
-    """When ``proc`` first logged a line containing ``needle`` (after ``after``), as an aware time."""
-    for line in proc.text().splitlines():
-        match = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})", line)
-        if match and needle in line:
-            moment = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S").replace(
-                microsecond=int(match.group(2)) * 1000).astimezone(UTC)
-            if after is None or moment > after:
-                return moment
-    return None
 
 
 def ready_at(proc: Proc) -> datetime:
@@ -276,11 +270,10 @@ def ready_at(proc: Proc) -> datetime:
 
 
 class LogWatch:
-    """Follow a process log from now on, cheaply enough to poll every few milliseconds."""
+    """Follow a process log from its start, cheaply enough to poll every few milliseconds."""
 
     def __init__(self, proc: Proc) -> None:
         self.handle = open(proc.log, "rb")
-        self.handle.seek(0, os.SEEK_END)
         self.buffer = b""
 
     def count(self, needle: bytes) -> int:
@@ -330,8 +323,7 @@ def test_beat_killed_during_a_burst_and_restarted(stack: Stack, summary: FaultSu
 
     # All tasks are due together at a multiple of 5 s: the beat claims ~150 rows, then publishes.
     slot = grid(now() + 1.5 * SECOND, now() + 10 * SECOND, step)[0]
-    sleep_until(slot - 0.3 * SECOND)
-    published = kill_during_burst(stack, beat, slot, burst + 3)
+    published = kill_during_burst(stack, beat, slot, burst + 3, timeout=(slot - now()).total_seconds() + 10)
     killed = now()
     sent_then = {pk for (pk, s) in sent_messages(stack) if s == slot}
     assert 10 <= published < burst, f"the kill landed after the burst ({published} of {burst + 3} sent)"
@@ -339,7 +331,7 @@ def test_beat_killed_during_a_burst_and_restarted(stack: Stack, summary: FaultSu
     again = stack.beat("b2")
     restarted = ready_at(again)
     end = whole_second(slot + 3 * step * SECOND)
-    sleep_until(end + 1.5 * SECOND)
+    dispatched_past(stack, end)
     stop_all(stack)
 
     unsent = [pk for pk in pks if pk not in sent_then]
@@ -409,14 +401,15 @@ def test_three_beats_two_killed_while_they_run(stack: Stack, summary: FaultSumma
     pairs, (first_a, first_b, no_overlap, fifteen) = pks[:burst], pks[burst:]
 
     kills = []
-    for pause in (4.2, 3.7):
-        time.sleep(pause)
+    for _ in range(2):
+        # Each kill once the beats have dispatched four more seconds of slots since the last event.
+        dispatched_past(stack, kills[-1] + 4 * SECOND if kills else created + 4 * SECOND)
         victim = active_beat(stack, beats)
         stack.kill(victim)
         kills.append(now())
     end = whole_second(now()) + 5 * SECOND
     wait_for(lambda: stack.task(fifteen) is None, 20, "the fifteen-times task to finish")
-    sleep_until(end + 1.5 * SECOND)
+    dispatched_past(stack, end)
     survivors = [proc for proc in beats if proc.alive()]
     assert len(survivors) == 1
     stop_all(stack)
@@ -499,7 +492,9 @@ def test_worker_killed_during_a_slow_run_without_overlap(stack: Stack, make_stac
     stack.worker("w3", env=env)  # two workers again
     # Not blocked forever: a run starts once the lease lapses, or the interrupted one is redelivered.
     wait_for(lambda: [r for r in stack.runs(slow) if r.started > killed], lease + 10, "a run after the kill")
-    time.sleep(4)
+    # Carry on until the three-times task is done and two runs of the slow one have finished since.
+    wait_for(lambda: stack.task(three) is None and len([r for r in stack.runs(slow) if r.started > killed]) >= 2,
+             30, "the three-times task to finish and two runs of the slow task after the kill")
     stop_all(stack, quiet=3)
 
     runs = stack.runs(slow)
@@ -569,7 +564,7 @@ def outage_test(stack: Stack, summary: FaultSummary, fault: str, outage: Any, co
     first_after = wait_for(lambda: [r.slot for r in stack.runs(second) if r.started > resumed], 30,
                            "a run once the worker is connected again")[0]
     end = max(whole_second(resumed), first_after) + 5 * SECOND
-    sleep_until(end + 1.5 * SECOND)
+    dispatched_past(stack, end)
     assert worker.alive() and beat.alive()
     stop_all(stack)
 
@@ -647,7 +642,7 @@ def test_broken_rows_are_flagged_and_other_tasks_keep_firing_on_time(stack: Stac
 
     problems = wait_for(flagged, 15, "every broken row to be flagged")
     end = whole_second(now()) + 4 * SECOND
-    sleep_until(end + 1.5 * SECOND)
+    dispatched_past(stack, end)
     assert beat.alive() and worker.alive()
     stop_all(stack)
 
@@ -729,7 +724,7 @@ def test_forged_messages_are_refused_and_change_nothing(stack: Stack, summary: F
     forge(stack, good, record, {}, done.slot.isoformat(), task_id=again, delivery_info={"redelivered": True})
     wait_for(lambda: "delivered again after its run had finished" in worker.text(), 15, "the redelivery to be skipped")
     end = whole_second(now()) + 2 * SECOND
-    sleep_until(end + 1.5 * SECOND)
+    dispatched_past(stack, end)
     stop_all(stack)
 
     ran = [run for run in stack.runs() if run.task_id in (quiet, outside)]
@@ -809,7 +804,7 @@ def shifted_window(stack: Stack, change: datetime, schedules: dict[str, str], be
                       env={"SISY_TEST_CLOCK_OFFSET": repr(offset)})
     fake_started = ready_at(beat) + timedelta(seconds=offset)
     assert fake_started < change - before * SECOND, f"beat started too late on its clock ({fake_started})"
-    sleep_until(change + (after + 1.5) * SECOND - timedelta(seconds=offset))
+    dispatched_past(stack, change + after * SECOND, timeout=before + after + 15)
     stack.stop(beat)
     return dict(zip(schedules, pks)), beat
 
