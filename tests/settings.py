@@ -1,5 +1,6 @@
 """Settings for the test suite: SQLite by default, PostgreSQL with SISY_TEST_DB=postgres."""
 import os
+import secrets
 
 SECRET_KEY = "sisy-celery-tests"
 DEBUG = True
@@ -37,9 +38,11 @@ STATIC_URL = "/static/"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 if os.environ.get("SISY_TEST_DB") == "postgres":
+    # A name of this run's own (pytest-django creates and at the end drops test_<NAME>), so that
+    # test sessions sharing the server never meet in one database.
     DATABASES = {"default": {
         "ENGINE": "django.db.backends.postgresql",
-        "NAME": os.environ.get("SISY_PG_NAME", "test"),
+        "NAME": os.environ.get("SISY_PG_NAME") or f"sisy_{os.getpid()}_{secrets.token_hex(3)}",
         "USER": "postgres",
         "HOST": "127.0.0.1",
         "PORT": "5432",

@@ -367,7 +367,8 @@ def test_end_running_finishes_the_task_after_its_last_run() -> None:
 def test_renew_extends_only_the_runs_of_this_start() -> None:
     a, b = make(), make()
     dispatch(T0)
-    run_a, run_b = start(a, T0, T0), start(b, T0, T0)
+    run_a = start(a, T0, T0)
+    start(b, T0, T0)
     assert engine.renew([run_a], T0 + timedelta(seconds=100)) == 1
     leases = dict(Run.objects.values_list("task_id", "lease_until"))
     assert leases == {a.pk: T0 + timedelta(seconds=400), b.pk: T0 + timedelta(seconds=300)}

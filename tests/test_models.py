@@ -577,7 +577,7 @@ def test_due_index_is_declared():
     assert constraints["sisy_task_enabled_next_idx"]["index"] is True
 
 
-@pytest.mark.skipif(connection.vendor != "postgresql", reason="EXPLAIN output is PostgreSQL's")
+@pytest.mark.postgresql  # EXPLAIN output is PostgreSQL's
 def test_due_query_uses_the_index_on_postgresql():
     info = task_with_callable(jobs.job).funcinfo
     now = timezone.now()

@@ -2,19 +2,20 @@
 from __future__ import annotations
 
 import os
-from datetime import datetime, timedelta, timezone
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone, tzinfo
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 import pytest
-from croniter import croniter
 from django.contrib.messages import get_messages
 from django.test import Client, override_settings
 from django.urls import reverse
 from django.utils import timezone as dj_timezone
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
-from sisy_celery import admin as sisy_admin
+from sisy_celery import admin as sisy_admin, schedules
 from sisy_celery.models import HAS_NOT_RUN, Task, task_with_callable
 from sisy_celery.schedules import (
     describe_fields, describe_interval, interval, is_interval, next_run, schedule_warnings, validate,
@@ -803,3 +804,71 @@ def test_admin_form_refuses_a_bad_interval_on_its_field(admin_client: Client):
     form_errors = response.context["adminform"].form.errors
     assert list(form_errors) == ["schedule"] and form_errors["schedule"][0].startswith("Invalid interval schedule")
     assert not Task.objects.exists()
+# -- independent of what ran before and of the machine's zone --------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _cold_caches() -> None:
+    """Each test computes its schedules afresh: a parse or a next run cached by an earlier test
+    (or by the process a mutation run forks from) would hide what the code does now."""
+    for value in vars(schedules).values():
+        if callable(getattr(value, "cache_clear", None)):
+            value.cache_clear()
+
+
+@pytest.fixture
+def machine_zone(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The process's local zone (TZ) set west of every zone under test, far from UTC."""
+    monkeypatch.setenv("TZ", "Pacific/Honolulu")
+    time.tzset()
+    yield "Pacific/Honolulu"
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.parametrize("schedule, after, expected", [
+    # a wildcard hour in the repeated hour: the first copy comes first
+    ("30 * * * *", local(NY, 2026, 11, 1, 0, 45), datetime(2026, 11, 1, 5, 30, tzinfo=UTC)),
+    # after the first copy's slot, the second copy's comes before anything past the repeat
+    ("30 * * * *", local(NY, 2026, 11, 1, 1, 40), datetime(2026, 11, 1, 6, 30, tzinfo=UTC)),
+    # a slot in the skipped hour runs at the first instant after the gap (03:00 EDT)
+    ("30 2 * * *", local(NY, 2026, 3, 8, 1, 0), datetime(2026, 3, 8, 7, 0, tzinfo=UTC)),
+])
+def test_dst_results_are_utc_whatever_the_machine_zone(machine_zone: str, schedule: str, after: datetime,
+                                                       expected: datetime) -> None:
+    assert datetime.now().astimezone().utcoffset() == timedelta(hours=-10), f"TZ={machine_zone} took effect"
+    result = next_run(schedule, after, NY)
+    assert result == expected
+    assert result.utcoffset() == timedelta(0) and result.tzname() == "UTC"
+
+
+def test_sub_second_after_at_the_start_of_the_repeated_hour() -> None:
+    # 01:00:00.5 EDT, the first copy: the hourly slot of the second copy, 01:00 EST, is next. The
+    # search for where the repeat begins then narrows to less than two seconds around it.
+    after = datetime(2026, 11, 1, 1, 0, 0, 500000, tzinfo=NY)
+    assert next_run("0 * * * *", after, NY) == datetime(2026, 11, 1, 6, 0, tzinfo=UTC)
+    assert next_run("0 1 * * *", after, NY) == datetime(2026, 11, 2, 6, 0, tzinfo=UTC)  # fixed hour: once
+
+
+class NoOffset(tzinfo):
+    """A tzinfo that knows no offset: datetimes carrying it are naive by Python's definition."""
+
+    def utcoffset(self, dt: datetime | None) -> None:
+        return None
+
+    def tzname(self, dt: datetime | None) -> str:
+        return "unknown"
+
+    def dst(self, dt: datetime | None) -> None:
+        return None
+
+
+def test_after_with_a_tzinfo_but_no_offset_is_refused() -> None:
+    with pytest.raises(ValueError, match="aware datetime"):
+        next_run("* * * * *", datetime(2026, 1, 1, tzinfo=NoOffset()), "UTC")
+
+
+@pytest.mark.parametrize("schedule", ["0 1/1 * * *", "0 0-23/1 * * *"])
+def test_stepped_hour_without_a_star_runs_in_both_copies(schedule: str) -> None:
+    after = local(NY, 2026, 11, 1, 0, 30)
+    assert walls(chain(schedule, after, NY, 3), NY) == ["11-01 01:00 -0400", "11-01 01:00 -0500", "11-01 02:00 -0500"]

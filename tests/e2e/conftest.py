@@ -1,19 +1,23 @@
 """Fixtures of the end-to-end tests: migrated stacks, cleaned between tests, logs on failure."""
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import require_service
+from tests.conftest import require_service, skip_unless
 from tests.e2e.harness import SERVICES, Stack
 
 
 def require_stack(db: str, broker: str) -> None:
-    """Skip (or fail under CI) unless the servers of this database and broker are up."""
+    """Skip (or fail under CI) unless the servers of this database and broker are up, and, for
+    RabbitMQ, ``rabbitmqctl`` is there to give the stack a vhost of its own."""
     for kind in (db, broker):
         if kind in SERVICES:
             require_service(*SERVICES[kind])
+    if broker == "amqp":
+        skip_unless(shutil.which("rabbitmqctl"), "rabbitmqctl is not installed: no vhost of the stack's own")
 
 
 @pytest.fixture(scope="module")
@@ -37,15 +41,15 @@ def stack(pg_redis: Stack) -> Iterator[Stack]:
 
 
 class StackFactory:
-    """``make_stack(db, broker, **env)``: a fresh, migrated stack, torn down after the test."""
+    """``make_stack(db, broker, proxied=(), **env)``: a fresh, migrated stack, torn down after the test."""
 
     def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
         self.tmp_path_factory = tmp_path_factory
         self.stacks: list[Stack] = []
 
-    def __call__(self, db: str, broker: str, **env: str) -> Stack:
+    def __call__(self, db: str, broker: str, proxied: tuple[str, ...] = (), **env: str) -> Stack:
         require_stack(db, broker)
-        stack = Stack(db, broker, self.tmp_path_factory.mktemp(f"{db}-{broker}"), env=env)
+        stack = Stack(db, broker, self.tmp_path_factory.mktemp(f"{db}-{broker}"), env=env, proxied=proxied)
         self.stacks.append(stack)
         return stack.setup()
 

@@ -16,21 +16,31 @@ so the test process itself needs no Django.
         wait_for(lambda: stack.runs(task), 10, "the run")
     finally:
         stack.teardown()
+
+A stack made with ``proxied=("database", "broker")`` puts a :class:`~tests.e2e.proxy.Proxy` in
+front of each, and ``with stack.outage("broker"):`` cuts it: the stack's processes lose the server
+while the server itself, shared with others, stays as it is.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, TypeVar
+from urllib.parse import urlsplit
+
+from tests.e2e.proxy import Proxy
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "example"
@@ -354,7 +364,7 @@ class RedisBroker(Broker):
 
 class AmqpBroker(Broker):
     """A virtual host of the local RabbitMQ made for this stack with ``rabbitmqctl`` and deleted
-    after it; without ``rabbitmqctl``, the default vhost with the stack's queues purged."""
+    after it: the shared default vhost is never used (tests check ``rabbitmqctl`` beforehand)."""
 
     def __init__(self, kind: str, queues: tuple[str, ...]) -> None:
         super().__init__(kind)
@@ -362,20 +372,17 @@ class AmqpBroker(Broker):
         self.vhost: str | None = None
 
     @staticmethod
-    def _ctl(*args: str) -> bool:
-        try:
-            done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
-            return False
-        return done.returncode == 0
+    def _ctl(*args: str) -> None:
+        done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60)
+        if done.returncode:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {done.stdout}{done.stderr}")
 
     def acquire(self) -> str:
         vhost = f"sisy_e2e_{secrets.token_hex(4)}"
-        if self._ctl("add_vhost", vhost) and self._ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"):
-            self.vhost = vhost
-            self.url = f"{AMQP_URL.rstrip('/')}/{vhost}"
-        else:
-            self.url = AMQP_URL
+        self._ctl("add_vhost", vhost)
+        self.vhost = vhost
+        self._ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        self.url = f"{AMQP_URL.rstrip('/')}/{vhost}"
         self.reset()
         return self.url
 
@@ -399,8 +406,6 @@ class AmqpBroker(Broker):
         if self.vhost is not None:
             self._ctl("delete_vhost", self.vhost)
             self.vhost = None
-        else:
-            self.reset()
 
 
 def make_broker(kind: str, queues: tuple[str, ...]) -> Broker:
@@ -424,9 +429,17 @@ class Stack:
     #: queues the tests publish to; purged on AMQP at setup and teardown
     queues = ("celery", "other", "expiring")
 
-    def __init__(self, db: str, broker: str, workdir: Path, env: dict[str, str] | None = None) -> None:
+    #: the parts of a stack that can sit behind a proxy (see :meth:`outage`)
+    components = ("database", "broker")
+
+    def __init__(self, db: str, broker: str, workdir: Path, env: dict[str, str] | None = None,
+                 proxied: Iterable[str] = ()) -> None:
         if db not in DATABASES:
             raise ValueError(f"database kind {db!r} is not one of {sorted(DATABASES)}")
+        self.proxied = tuple(proxied)
+        if set(self.proxied) - set(self.components):
+            raise ValueError(f"proxied {self.proxied!r}: only {self.components} can be")
+        self.proxies: dict[str, Proxy] = {}
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.db = DATABASES[db](self.workdir)
@@ -451,8 +464,8 @@ class Stack:
             "DJANGO_SETTINGS_MODULE": "proj.settings",
             "PYTHONPATH": str(EXAMPLE),
             "PYTHONUNBUFFERED": "1",
-            "SISY_DATABASE_URL": self.db.url,
-            "CELERY_BROKER_URL": self.broker,
+            "SISY_DATABASE_URL": self._through_proxy("database", self.db.url),
+            "CELERY_BROKER_URL": self._through_proxy("broker", self.broker),
             "SISY_VAR_DIR": str(self.workdir / "var"),
             "SISY_HEARTBEAT_FREQUENCY": "1",
         })
@@ -460,10 +473,20 @@ class Stack:
         env.update(extra)
         return env
 
+    def _through_proxy(self, component: str, url: str) -> str:
+        proxy = self.proxies.get(component)
+        return proxy.url(url) if proxy else url
+
     def setup(self) -> "Stack":
         self.broker = self._broker.acquire()
         self.db.create()
         self._created = True
+        for component, url in (("database", self.db.url), ("broker", self.broker)):
+            if component in self.proxied:
+                target = urlsplit(url)
+                if not target.hostname or not target.port:
+                    raise ValueError(f"{url} names no server that a proxy could stand in front of")
+                self.proxies[component] = Proxy(target.hostname, target.port).start()
         migrate = subprocess.run(
             [sys.executable, str(EXAMPLE / "manage.py"), "migrate", "-v0", "--no-input"],
             cwd=self.workdir, env=self.env(), capture_output=True, text=True, timeout=180,
@@ -476,10 +499,12 @@ class Stack:
         for proc in self.processes:
             self.kill(proc)  # the database and the broker's messages are thrown away anyway
         self._stop_driver()
+        for proxy in self.proxies.values():
+            proxy.stop()
+        self.proxies.clear()
         if self._created:
             self.db.drop()
-        if self.broker:
-            self._broker.release()
+        self._broker.release()  # also a vhost made before a failed setup
 
     def reset(self) -> None:
         """Forget the previous test: stop its processes and delete tasks, runs, accounts, results."""
@@ -491,6 +516,18 @@ class Stack:
                       "sisy_celery_beatprocess"):
             self.db.query(f"DELETE FROM {table}")
         self._broker.reset()
+
+    @contextmanager
+    def outage(self, component: str) -> Iterator[None]:
+        """The stack's processes lose ``component`` ('database' or 'broker', which must be proxied)
+        until the block ends: open connections are reset, new ones refused. The harness's own
+        queries go straight to the server and keep working."""
+        proxy = self.proxies.get(component)
+        if proxy is None:
+            raise ValueError(f"{component} is not behind a proxy: make the stack with proxied=({component!r},)")
+        with proxy.outage():
+            yield
+        self._stop_driver()  # its connections were reset: the next run() starts a fresh one
 
     # -- code inside the project
 
@@ -666,6 +703,18 @@ class Stack:
 
 
 # -- checks shared by the tests ------------------------------------------------------------
+
+
+def logged_at(proc: Proc, needle: str, after: datetime | None = None) -> datetime | None:
+    """When ``proc`` first logged a line containing ``needle`` (after ``after``), as an aware time."""
+    for line in proc.text().splitlines():
+        match = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})", line)
+        if match and needle in line:
+            moment = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S").replace(
+                microsecond=int(match.group(2)) * 1000).astimezone(UTC)
+            if after is None or moment > after:
+                return moment
+    return None
 
 
 def duplicate_slots(runs: list[Run]) -> list[tuple[int, datetime]]:
