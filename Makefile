@@ -70,8 +70,8 @@ test-e2e: install
 # Mutation testing (slow, not part of make test): mutmut mutates each module of MUTATE and runs
 # the process-free tests of MUTATION_TESTS against every mutant; prints the score per module and
 # the surviving mutants. Runs in build/mutation, a scratch copy.
-MUTATE := sisy_celery/schedules.py
-MUTATION_TESTS := tests/test_schedules.py
+MUTATE := sisy_celery/schedules.py sisy_celery/engine.py
+MUTATION_TESTS := tests/test_schedules.py tests/test_engine.py tests/test_scheduler.py
 MUTATION_JOBS ?= 2
 
 mutation: install

@@ -409,8 +409,9 @@ def raw(count: int, size: int) -> None:
 def worker_prep(m: int) -> None:
     django_setup()
     from proj.celery import app
+    from sisy_celery import engine
+    from sisy_celery.dispatch import Dispatcher
     from sisy_celery.models import FAR_FUTURE, Task, task_with_callable
-    from sisy_celery.tasks import send
 
     tasks = []
     for i in range(m):
@@ -419,9 +420,14 @@ def worker_prep(m: int) -> None:
         tasks.append(task)
     Task.objects.bulk_create(tasks, batch_size=1000)
     now = datetime.now(UTC)
+    # One ledger run per task, claimed and published as "run now" does (a worker starts only runs
+    # the ledger knows).
+    runs = [engine.claim_now(task, now, "bench") for task in Task.objects.filter(label__startswith="worker bench ")]
+    dispatcher = Dispatcher(app)
+    for start in range(0, len(runs), 500):
+        engine.publish(runs[start:start + 500], dispatcher, now)
+    dispatcher.close()
     with app.producer_or_acquire() as producer:
-        for task in Task.objects.filter(label__startswith="worker bench "):
-            send(task, now, app=app, producer=producer)
         for _ in range(m):
             app.send_task("bench.noop", queue="bench_plain", producer=producer)
     emit(phase="worker-prep", messages=m)
