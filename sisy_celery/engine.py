@@ -287,11 +287,13 @@ def claim_stale(now: datetime, older_than: float, beat: str, limit: int) -> list
 # -- beat: upkeep ---------------------------------------------------------------------------
 
 
-def lapse(now: datetime, limit: int) -> int:
-    """Settle as lost the published and started runs whose lease lapsed: no worker started the
-    message in time (lost with the broker, or no worker), or the worker running it stopped renewing
-    (killed). Their tasks are free again; a lost run uses no iteration."""
-    rows = list(Run.objects.filter(state__in=(Run.PUBLISHED, Run.STARTED), lease_until__lt=now)
+def lapse(now: datetime, limit: int, grace: float = 0.0) -> int:
+    """Settle as lost the published and started runs whose lease lapsed more than ``grace`` seconds
+    ago: no worker started the message in time (lost with the broker, or no worker), or the worker
+    running it stopped renewing (killed). Their tasks are free again; a lost run uses no iteration.
+    The grace lets a redelivered copy, which waits for the lease to lapse, start first."""
+    cutoff = now - timedelta(seconds=grace)
+    rows = list(Run.objects.filter(state__in=(Run.PUBLISHED, Run.STARTED), lease_until__lt=cutoff)
                 .values_list("pk", "task_id", "slot", "state", "worker")[:limit])
     if not rows:
         return 0
@@ -299,7 +301,7 @@ def lapse(now: datetime, limit: int) -> int:
            Run.STARTED: "its worker stopped renewing the lease (worker lost)"}
     with transaction.atomic():
         for state, error in why.items():
-            Run.objects.filter(pk__in=[r[0] for r in rows if r[3] == state], state=state, lease_until__lt=now).update(
+            Run.objects.filter(pk__in=[r[0] for r in rows if r[3] == state], state=state, lease_until__lt=cutoff).update(
                 state=Run.LOST, finished_at=now, lease_until=None, error=error)
         sync_running({r[1] for r in rows})
     for pk, task_pk, slot, state, worker in rows:

@@ -78,6 +78,9 @@ class Scheduler(beat.Scheduler):
     purge_every = 60.0
     #: Runs claimed this many seconds ago and not marked published are published again.
     republish_after = 10.0
+    #: Seconds past a lapsed lease before its run is settled lost: a redelivered copy of the run
+    #: (acks_late), which retries a second after the lease, gets to start it again first.
+    lapse_grace = 5.0
     #: Most runs one message group publishes (one pipelined round trip where the broker allows it).
     publish_group = 500
     #: Seconds to wait when due rows are locked by another beat's claim.
@@ -218,7 +221,7 @@ class Scheduler(beat.Scheduler):
         limit = conf.beat_batch_size()
         self.publish(engine.claim_stale(now, self.republish_after, self.ident, limit), now)
         if time.monotonic() >= self._lapse_after:
-            engine.lapse(now, limit)
+            engine.lapse(now, limit, self.lapse_grace)
         if time.monotonic() >= self._purge_at:
             engine.purge(now - timedelta(seconds=conf.run_retention()), limit)
             self.forget_beats(now)

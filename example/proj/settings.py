@@ -6,6 +6,7 @@ CELERY_BROKER_URL: default kombu's filesystem transport under var/broker (no ser
     redis://127.0.0.1:6379/0 or amqp://guest:guest@127.0.0.1:5672// work too.
 CELERY_BROKER_VISIBILITY_TIMEOUT: seconds after which Redis redelivers an unacknowledged message
     (with CELERY_TASK_ACKS_LATE=1, the run of a killed worker); Redis's default is one hour.
+SISY_TIMEZONE: the zone cron is read in (default: TIME_ZONE).
 """
 import os
 from pathlib import Path
@@ -151,6 +152,8 @@ SISY_HEARTBEAT_FREQUENCY = float(os.environ.get("SISY_HEARTBEAT_FREQUENCY", "1")
 SISY_RUNNING_TIMEOUT = float(os.environ.get("SISY_RUNNING_TIMEOUT", "30"))
 SISY_ALLOWED_MODULES = ["jobs"]
 SISY_KEEP_FINISHED_TASKS = os.environ.get("SISY_KEEP_FINISHED_TASKS", "0") == "1"
+if os.environ.get("SISY_TIMEZONE"):
+    SISY_TIMEZONE = os.environ["SISY_TIMEZONE"]
 
 LOGGING = {
     "version": 1,
