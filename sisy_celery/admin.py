@@ -357,6 +357,13 @@ class TaskAdmin(admin.ModelAdmin):
                                            f"queues?", messages.WARNING)
         return super().changelist_view(request, extra_context)
 
+    def get_object(self, request: HttpRequest, object_id: str, from_field: str | None = None) -> Task | None:
+        """None for an id that is not a task id the column can hold (Django before 5.0 lets a number
+        too large for SQLite raise instead of finding nothing)."""
+        if from_field is None and not self._is_task_id(object_id):
+            return None
+        return super().get_object(request, object_id, from_field)
+
     def _is_task_id(self, value: str) -> bool:
         """True if ``value`` can be looked up as a Task primary key (a number the column can hold)."""
         try:

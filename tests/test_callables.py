@@ -588,7 +588,8 @@ def test_signature_with_further_positional_parameters_is_refused(thing, kwargs):
 def test_signature_of_a_bound_model_method_is_checked():
     widget = Widget.objects.create(name="w")
     refused(widget.delete, "has the signature (using=None, keep_parents=False); " + SIGNATURE)
-    refused(widget.refresh_from_db, "has the signature (using=None, fields=None, from_queryset=None)")
+    # (Django 5.1 added from_queryset: the signature shown is the installed Django's)
+    refused(widget.refresh_from_db, "has the signature (using=None, fields=None")
 
 
 def test_task_with_callable_refuses_run_once():
