@@ -167,14 +167,19 @@ DEBUG = False
 """
 
 
-@pytest.mark.parametrize("command", [["beat", "-S", "sisy_celery.Scheduler"], ["worker", "-P", "solo"]])
-def test_no_allow_list_in_production_stops_beat_and_worker(command, tmp_path):
-    (tmp_path / "unset_settings.py").write_text(UNSET_SETTINGS)
-    env = dict(os.environ, DJANGO_SETTINGS_MODULE="unset_settings",
+def start_celery(command: list[str], tmp_path: Path, settings: str) -> subprocess.CompletedProcess:
+    """Run ``celery <command>`` of the test app with ``settings`` as its settings module, to its exit."""
+    (tmp_path / "start_settings.py").write_text(settings)
+    env = dict(os.environ, DJANGO_SETTINGS_MODULE="start_settings",
                PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]))
-    done = subprocess.run([sys.executable, "-m", "celery", "-A", "tests.celery_app", *command,
+    return subprocess.run([sys.executable, "-m", "celery", "-A", "tests.celery_app", *command,
                            *(["-s", str(tmp_path / "schedule")] if "beat" in command else [])],
                           env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("command", [["beat", "-S", "sisy_celery.Scheduler"], ["worker", "-P", "solo"]])
+def test_no_allow_list_in_production_stops_beat_and_worker(command, tmp_path):
+    done = start_celery(command, tmp_path, UNSET_SETTINGS)
     assert done.returncode != 0
     assert "(sisy_celery.E008) SISY_ALLOWED_MODULES is not set" in done.stdout + done.stderr
     assert "SISY_ALLOWED_MODULES = '__all__'" in done.stdout + done.stderr
@@ -332,12 +337,7 @@ DATABASES = {'default': {'ENGINE': 'django.db.backends.sqlite3', 'NAME': 'fresh.
 
 @pytest.mark.parametrize("command", [["beat", "-S", "sisy_celery.Scheduler"], ["worker", "-P", "solo"]])
 def test_beat_and_worker_started_before_migrate_say_so_in_one_line(command, tmp_path):
-    (tmp_path / "unmigrated_settings.py").write_text(UNMIGRATED_SETTINGS)
-    env = dict(os.environ, DJANGO_SETTINGS_MODULE="unmigrated_settings",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]))
-    done = subprocess.run([sys.executable, "-m", "celery", "-A", "tests.celery_app", *command,
-                           *(["-s", str(tmp_path / "schedule")] if "beat" in command else [])],
-                          env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    done = start_celery(command, tmp_path, UNMIGRATED_SETTINGS)
     output = done.stdout + done.stderr
     assert done.returncode != 0
     assert "sisy_celery's tables on database 'default' are not migrated" in output

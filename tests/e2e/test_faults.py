@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import skip_unless
-from tests.e2e.harness import PG, REDIS, UTC, Proc, Stack, now, overlaps, wait_for
+from tests.e2e.harness import PG, REDIS, UTC, Proc, Stack, logged_at, now, overlaps, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -256,18 +256,6 @@ def whole_second(moment: datetime) -> datetime:
 
 def logs(stack: Stack, kind: str | None = None) -> str:
     return "\n".join(proc.text() for proc in stack.processes if kind is None or proc.kind == kind)
-
-
-def logged_at(proc: Proc, needle: str, after: datetime | None = None) -> datetime | None:
-    """When ``proc`` first logged a line containing ``needle`` (after ``after``), as an aware time."""
-    for line in proc.text().splitlines():
-        match = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})", line)
-        if match and needle in line:
-            moment = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S").replace(
-                microsecond=int(match.group(2)) * 1000).astimezone(UTC)
-            if after is None or moment > after:
-                return moment
-    return None
 
 
 def ident(proc: Proc) -> str:
