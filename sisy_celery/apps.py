@@ -9,3 +9,5 @@ class SisyConfig(AppConfig):
 
     def ready(self) -> None:
         from . import checks, signals  # noqa: F401  (registers checks and worker signal handlers)
+
+        checks.refuse_unknown_scheduler()

@@ -125,31 +125,55 @@ def check_result_backend(app_configs: Any = None, **kwargs: Any) -> list[Any]:
     return []
 
 
-@register()
-def check_beat_scheduler(app_configs: Any = None, **kwargs: Any) -> list[Any]:
-    """CELERY_BEAT_SCHEDULER is resolved as ``celery beat -S`` resolves it; an alias of a scheduler
-    that is not installed ('django') names a module, which beat then fails to call."""
+def scheduler_problem(name: str) -> str | None:
+    """What is wrong with ``name`` as ``celery beat -S`` resolves it (entry-point aliases first), or
+    None: an alias of a scheduler that is not installed ('django') names a module, which beat then
+    fails to call."""
     from celery.beat import Scheduler as CeleryScheduler
     from celery.utils.imports import load_extension_class_names, symbol_by_name
 
-    name = getattr(settings, "CELERY_BEAT_SCHEDULER", None)
-    if name is None:
-        return []
     try:
         found = symbol_by_name(name, aliases=dict(load_extension_class_names("celery.beat_schedulers")))
     except (ImportError, AttributeError, ValueError) as exc:
-        problem = f"cannot be imported ({exc})"
-    else:
-        if isinstance(found, type) and issubclass(found, CeleryScheduler):
-            return []
-        problem = "is not a Celery beat scheduler class"
-        if not any(mark in name for mark in ".:"):
-            problem += " (a bare name is the alias of a scheduler package, and none of that name is installed)"
+        return f"cannot be imported ({exc})"
+    if isinstance(found, type) and issubclass(found, CeleryScheduler):
+        return None
+    problem = "is not a Celery beat scheduler class"
+    if not any(mark in name for mark in ".:"):
+        problem += " (a bare name is the alias of a scheduler package, and none of that name is installed)"
+    return problem
+
+
+@register()
+def check_beat_scheduler(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    """CELERY_BEAT_SCHEDULER is resolved as ``celery beat -S`` resolves it."""
+    name = getattr(settings, "CELERY_BEAT_SCHEDULER", None)
+    problem = None if name is None else scheduler_problem(name)
+    if problem is None:
+        return []
     return [Error(
         f"CELERY_BEAT_SCHEDULER {name!r} {problem}.",
         hint="For sisy-celery set CELERY_BEAT_SCHEDULER = 'sisy_celery.Scheduler' (then `celery beat` needs no -S).",
         id="sisy_celery.E011",
     )]
+
+
+def refuse_unknown_scheduler() -> None:
+    """Exit with one line if this process is ``celery beat`` with a scheduler that is no scheduler.
+
+    beat resolves its scheduler only after printing its banner, so ``-S django`` without
+    django-celery-beat ends in a TypeError traceback; Django is set up (and this runs, from
+    ``AppConfig.ready``) earlier, inside the beat command, whose options click still holds.
+    """
+    import click
+
+    context = click.get_current_context(silent=True)
+    name = context.params.get("scheduler") if context is not None and context.info_name == "beat" else None
+    problem = scheduler_problem(name) if name else None
+    if problem:
+        raise SystemExit(f"celery beat cannot start: the scheduler {name!r} (from -S or CELERY_BEAT_SCHEDULER) "
+                         f"{problem}. For sisy-celery use -S sisy_celery.Scheduler, or set CELERY_BEAT_SCHEDULER = "
+                         "'sisy_celery.Scheduler' and leave -S out.")
 
 
 def configured_app(app: Celery) -> None:

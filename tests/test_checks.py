@@ -1,6 +1,7 @@
 """Django system checks for sisy-celery's settings (sisy_celery/checks.py)."""
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import subprocess
@@ -21,6 +22,7 @@ from sisy_celery.checks import (
     check_beat_scheduler, check_celery_app, check_result_backend, check_settings, configured_app, refuse_to_start,
 )
 from tests import celery_app
+from tests.conftest import skip_unless
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -291,6 +293,12 @@ def test_beat_scheduler_setting_that_resolves(name):
         assert check_beat_scheduler() == []
 
 
+def without_peer_scheduler() -> None:
+    """The 'django' alias names no scheduler only where django-celery-beat (which registers it) is absent."""
+    skip_unless(importlib.util.find_spec("django_celery_beat") is None,
+                "django-celery-beat is installed here (make bench installs it), so its 'django' alias resolves")
+
+
 @pytest.mark.parametrize("name, problem", [
     ("django", "is not a Celery beat scheduler class (a bare name is the alias of a scheduler package, "
                "and none of that name is installed)"),
@@ -299,10 +307,32 @@ def test_beat_scheduler_setting_that_resolves(name):
     ("django_celery_beat.schedulers:DatabaseScheduler", "cannot be imported (No module named 'django_celery_beat')"),
 ])
 def test_beat_scheduler_setting_that_does_not(name, problem):
+    without_peer_scheduler()
     with override_settings(CELERY_BEAT_SCHEDULER=name):
         (message,) = check_beat_scheduler()
     assert message.id == "sisy_celery.E011" and message.msg == f"CELERY_BEAT_SCHEDULER {name!r} {problem}."
     assert "CELERY_BEAT_SCHEDULER = 'sisy_celery.Scheduler'" in message.hint
+
+
+SCHEDULER_SETTINGS = """
+from tests.settings import *  # noqa: F403
+CELERY_BEAT_SCHEDULER = {setting!r}
+"""
+
+
+@pytest.mark.parametrize("option, setting", [
+    (["-S", "django"], "sisy_celery.Scheduler"),  # the peer's habit on the command line
+    ([], "django"),  # the same alias in the setting, beat started without -S
+    (["-S", "sisy_celery.Schedular"], "sisy_celery.Scheduler"),
+])
+def test_beat_with_a_scheduler_that_is_no_scheduler_stops_in_one_line(option, setting, tmp_path):
+    without_peer_scheduler()
+    done = start_celery(["beat", *option], tmp_path, SCHEDULER_SETTINGS.format(setting=setting))
+    output = done.stdout + done.stderr
+    name = option[1] if option else setting
+    assert done.returncode == 1, output
+    assert f"celery beat cannot start: the scheduler {name!r} (from -S or CELERY_BEAT_SCHEDULER)" in output
+    assert "use -S sisy_celery.Scheduler" in output and "Traceback" not in output
 
 
 MIGRATION_PROBE = ("from sisy_celery.checks import unapplied_migrations; "
