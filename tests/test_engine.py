@@ -533,3 +533,60 @@ def test_a_claimed_run_whose_task_was_deleted_is_revoked_not_published() -> None
     stale = engine.claim_stale(T0 + timedelta(seconds=11), 10, BEAT, 100)
     assert [run.task_id for run in stale] == [other.pk]
     assert runs_of(task) == [(T0, Run.REVOKED)]
+
+
+# -- what a run costs the worker ----------------------------------------------------------------
+
+#: Statements of one run of a recurring task in the worker (load the task, start, settle): on
+#: PostgreSQL the settlement is one data-modifying WITH statement; elsewhere it is a transaction
+#: (here a savepoint, as tests run inside one) of two UPDATEs.
+WORKER_STATEMENTS = {"postgresql": ["SELECT", "UPDATE", "WITH"],
+                     "sqlite": ["SELECT", "UPDATE", "SAVEPOINT", "UPDATE", "UPDATE", "RELEASE"]}
+
+
+def test_a_run_of_a_recurring_task_costs_the_worker_its_statements_and_no_more() -> None:
+    from django.test.utils import CaptureQueriesContext
+
+    from sisy_celery.tasks import run_callable
+
+    task = make()
+    dispatch(T0)
+    with CaptureQueriesContext(connection) as captured:
+        result = run_callable.apply(args=[task.pk, task._func_info, task._extra_data, T0.isoformat()])
+    assert result.get() == "ok"
+    assert [query["sql"].split()[0] for query in captured] == WORKER_STATEMENTS[connection.vendor], captured
+    task.refresh_from_db()
+    run = Run.objects.get(task_id=task.pk)
+    assert (task.last_status, task.running, task.last_run) == ("SUCCESS", False, run.started_at)
+    assert (run.slot, run.state) == (T0, Run.SUCCEEDED)
+
+
+def test_settling_a_recurring_run_keeps_running_while_another_run_of_it_is_unsettled() -> None:
+    task = make()
+    dispatch(T0)
+    dispatch(T0 + timedelta(seconds=1))
+    first, second = start(task, T0, T0), start(task, T0 + timedelta(seconds=1), T0 + timedelta(seconds=1))
+    assert engine.settle(second, "SUCCESS", "", T0 + timedelta(seconds=2), task)
+    task.refresh_from_db()
+    assert (task.running, task.last_run, task.last_status) == (True, T0 + timedelta(seconds=1), "SUCCESS")
+    # the earlier start ends last: last_run stays the latest start, and nothing is unsettled now
+    assert engine.settle(first, "FAILURE", "ValueError: x", T0 + timedelta(seconds=3), task)
+    task.refresh_from_db()
+    assert (task.running, task.last_run, task.last_status) == (False, T0 + timedelta(seconds=1), "FAILURE")
+    assert runs_of(task) == [(T0, Run.FAILED), (T0 + timedelta(seconds=1), Run.SUCCEEDED)]
+
+
+def test_a_recurring_run_settled_late_or_after_its_task_was_deleted() -> None:
+    late, deleted = make(), make()
+    dispatch(T0)
+    late_start, deleted_start = start(late, T0, T0), start(deleted, T0, T0)
+    engine.lapse(T0 + timedelta(seconds=400), 100)
+    assert not engine.settle(late_start, "SUCCESS", "", T0 + timedelta(seconds=401), late)
+    run = Run.objects.get(task_id=late.pk)
+    assert run.state == Run.SUCCEEDED and run.error.startswith("finished after its lease had lapsed")
+    assert Task.objects.get(pk=late.pk).last_status == ""
+    # (a lapsed run was settled lost; one whose task is gone is settled all the same)
+    Run.objects.filter(task_id=deleted.pk).update(state=Run.STARTED, lease_until=T0 + timedelta(seconds=900))
+    Task.objects.filter(pk=deleted.pk).delete()
+    assert engine.settle(deleted_start, "SUCCESS", "", T0 + timedelta(seconds=402), deleted)
+    assert runs_of(deleted) == [(T0, Run.SUCCEEDED)]
