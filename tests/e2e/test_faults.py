@@ -36,6 +36,7 @@ from typing import Any
 
 import pytest
 
+from sisy_celery.scheduler import Scheduler
 from tests.conftest import skip_unless
 from tests.e2e.harness import PG, REDIS, UTC, Proc, Stack, logged_at, now, overlaps, wait_for
 
@@ -340,7 +341,9 @@ def test_beat_killed_at_random_instants_during_bursts(stack: Stack, summary: Fau
         for n in range(KILLS):
             first, last = first_pk + n * BURST, first_pk + (n + 1) * BURST - 1
             before = queue.llen("celery")
-            target = rng.randrange(1, BURST)
+            # A target within the last publish group is reached only once the whole burst is out,
+            # and the kill would then race the beat's marking of that group.
+            target = rng.randrange(1, BURST - Scheduler.publish_group)
             due = whole_second(now())
             stack.query("UPDATE sisy_celery_task SET start_running = %s, next_run = %s WHERE id BETWEEN %s AND %s",
                         (due, due, first, last))
@@ -381,15 +384,19 @@ def test_beat_killed_at_random_instants_during_bursts(stack: Stack, summary: Fau
     for kill in kills:
         for pk in range(kill.tasks[0], kill.tasks[1] + 1):
             expect.each(pk, [kill.due])
+    # mid-burst: the dead beat had claimed runs of its burst and not marked all of them published. A
+    # kill is a signal sent by a process polling the broker: on a loaded machine it can land after
+    # the burst's last group went out, and that burst then only checks exactly-once, which holds too.
+    mid_burst = [k for k in kills if 0 < k.claimed and k.published < BURST]
     result = tally(stack, summary, f"1 beat kill -9 at random instants during {KILLS} bursts of {BURST} slots", expect,
-                   [f"seed {seed}", "at each kill, messages out (target) / runs claimed / runs marked published: "
+                   [f"seed {seed}", f"{len(mid_burst)} of {KILLS} kills mid-burst",
+                    "at each kill, messages out (target) / runs claimed / runs marked published: "
                     + ", ".join(f"{k.sent} ({k.target}) / {k.claimed} / {k.published}" for k in kills),
                     f"{len(republished)} run(s) left claimed were published by another beat",
                     f"{received} message(s) delivered, {copies} of them copies the worker dropped",
                     f"the worker ran the backlog in {drain:.0f}s"])
 
-    # mid-burst: the dead beat had claimed runs of its burst and not marked all of them published
-    assert [k for k in kills if not (0 < k.claimed and k.published < BURST)] == [], "every kill landed mid-burst"
+    assert mid_burst, "a kill landed mid-burst"
     assert republished, "a run left claimed by a killed beat was published by another beat"
     assert copies > 0, "a message that went out before a kill was published again, and its copy ran nothing"
     assert received == KILLS * BURST + copies, "every message beyond one per run was dropped"
