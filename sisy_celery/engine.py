@@ -131,12 +131,37 @@ def claim_due(now: datetime, limit: int, beat: str) -> Batch:
         counts = unsettled_counts(task.pk for task in tasks)
         decisions = [plan(task, now, counts.get(task.pk, 0)) for task in tasks]
         won = _write_locked(decisions) if locking else _write_conditional(decisions)
-        runs = [Run(task=d.task, slot=d.slot, state=Run.CLAIMED, beat=beat, claimed_at=now)
-                for d in won if d.action == SEND]
-        Run.objects.bulk_create(runs)
+        runs = _insert_claimed([d for d in won if d.action == SEND], beat, now)
     for decision in won:
         _log_decision(decision)
     return Batch(runs, won, len(tasks))
+
+
+def _insert_claimed(sends: list[Decision], beat: str, now: datetime) -> list[Run]:
+    """Insert the claimed runs of a batch. PostgreSQL takes the rows as two arrays in one small
+    statement (Django's bulk_create binds every value of every row, which costs a burst more
+    than the insert itself); other databases use bulk_create."""
+    if connection.vendor != "postgresql":
+        return Run.objects.bulk_create(
+            [Run(task=d.task, slot=d.slot, state=Run.CLAIMED, beat=beat, claimed_at=now) for d in sends])
+    if not sends:
+        return []
+    table = connection.ops.quote_name(Run._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} (task_id, slot, state, attempt, beat, worker, claimed_at, error) "
+            "SELECT claimed.task_id, claimed.slot, %s, 0, %s, '', %s, '' "
+            "FROM unnest(%s::bigint[], %s::timestamptz[]) AS claimed (task_id, slot) RETURNING task_id, id",
+            [Run.CLAIMED, beat, now, [d.task.pk for d in sends], [d.slot for d in sends]])
+        ids = dict(cursor.fetchall())
+    runs = []
+    for decision in sends:
+        # the row as inserted, built the way Django builds a loaded row (positional, in field order)
+        run = Run.from_db(connection.alias, None, (ids[decision.task.pk], decision.task.pk, decision.slot,
+                                                   Run.CLAIMED, 0, beat, "", now, None, None, None, None, ""))
+        Run.task.field.set_cached_value(run, decision.task)
+        runs.append(run)
+    return runs
 
 
 def _task_values(decision: Decision) -> dict[str, Any]:
