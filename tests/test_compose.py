@@ -189,9 +189,15 @@ def test_dockerfile(dockerfile: list[tuple[str, str]]) -> None:
         assert settings_reads(variable), variable
     installs = " ".join(args for instruction, args in dockerfile if instruction == "RUN" and "pip install" in args)
     assert "gunicorn" in installs, "gunicorn is installed in the image"
+    assert '".[example]"' in installs, "the image installs the example extra"
     pyproject = (ROOT / "pyproject.toml").read_text()
     runtime = pyproject.split("dependencies = [", 1)[1].split("]", 1)[0]
     assert "gunicorn" not in runtime, "gunicorn is not a runtime dependency of the package"
+    example_extra = re.search(r"^example = \[(.*?)\]", pyproject, re.M | re.S).group(1)
+    assert "whitenoise" not in runtime and '"whitenoise' in example_extra, \
+        "WhiteNoise comes with the example extra, not with the package"
+    runs = [args for instruction, args in dockerfile if instruction == "RUN"]
+    assert runs[-1] == "python manage.py collectstatic --noinput", "the image holds the collected static files"
     cmd = [args for instruction, args in dockerfile if instruction == "CMD"][-1]
     import json
 
@@ -283,14 +289,19 @@ def test_only_the_web_port_is_published_and_only_on_the_loopback(compose: dict[s
     assert not any(service.get("network_mode") == "host" for service in compose["services"].values())
 
 
-def deploy_check(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    """``manage.py check --deploy`` of the example project with the web service's environment."""
+def web_environment(env: dict[str, str], var_dir: Path) -> dict[str, str]:
+    """The environment of compose's web service (secrets from ``env``), files under ``var_dir``."""
     web = compose_with(env)["services"]["web"]["environment"]
     process_env = {key: value for key, value in os.environ.items() if not key.startswith(("DJANGO_", "SISY_"))}
     process_env.update({key: str(value) for key, value in web.items()},
-                       DJANGO_SETTINGS_MODULE="proj.settings", PYTHONPATH=str(EXAMPLE), SISY_VAR_DIR=str(tmp_path))
-    return subprocess.run([sys.executable, str(EXAMPLE / "manage.py"), "check", "--deploy"], env=process_env,
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                       DJANGO_SETTINGS_MODULE="proj.settings", PYTHONPATH=str(EXAMPLE), SISY_VAR_DIR=str(var_dir))
+    return process_env
+
+
+def deploy_check(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """``manage.py check --deploy`` of the example project with the web service's environment."""
+    return subprocess.run([sys.executable, str(EXAMPLE / "manage.py"), "check", "--deploy"],
+                          env=web_environment(env, tmp_path), capture_output=True, text=True, timeout=120, cwd=tmp_path)
 
 
 def test_check_deploy_with_the_compose_settings_reports_only_the_https_items(tmp_path: Path) -> None:

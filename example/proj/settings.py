@@ -7,7 +7,12 @@ CELERY_BROKER_URL: default kombu's filesystem transport under var/broker (no ser
 CELERY_BROKER_VISIBILITY_TIMEOUT: seconds after which Redis redelivers an unacknowledged message
     (with CELERY_TASK_ACKS_LATE=1, the run of a killed worker); Redis's default is one hour.
 SISY_TIMEZONE: the zone cron is read in (default: TIME_ZONE).
+
+Static files: with WhiteNoise installed (the ``example`` extra, as in the Docker image) the app
+serves the collected, hashed and compressed files of STATIC_ROOT itself; run
+``manage.py collectstatic`` first. Without it only DEBUG's runserver serves them (``make demo``).
 """
+import importlib.util
 import os
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -57,8 +62,13 @@ INSTALLED_APPS = [
     "sisy_celery",
     "jobs",
 ]
+WHITENOISE = importlib.util.find_spec("whitenoise") is not None
+if not DEBUG and not WHITENOISE:
+    raise ImproperlyConfigured("With DJANGO_DEBUG=0 the admin's static files are served by WhiteNoise: "
+                               "pip install 'sisy-celery[example]'.")
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    *(["whitenoise.middleware.WhiteNoiseMiddleware"] if WHITENOISE else []),
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -79,6 +89,13 @@ TEMPLATES = [{
 }]
 STATIC_URL = "/static/"
 STATIC_ROOT = VAR_DIR / "static"
+if WHITENOISE:
+    # Names carry a hash of the content, so browsers may keep them for ever; gzip and brotli copies
+    # are made by collectstatic, not on each request.
+    STORAGES = {
+        "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+        "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
+    }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 

@@ -16,16 +16,20 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from django.contrib.auth.models import User
     from selenium.webdriver.remote.webdriver import WebDriver
+    from selenium.webdriver.support.ui import WebDriverWait
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
+ROOT = Path(__file__).resolve().parents[2]
+SCREENSHOTS = ROOT / "artifacts" / "screenshots"
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
     "--window-size=1400,1000",
 )
+TIMEOUT = 10
 
 
 def install_chromium(say: Callable[[str], None]) -> None:
@@ -74,3 +78,36 @@ def browser(chromium: None) -> Iterator["WebDriver"]:
 def screenshot_dir() -> Path:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     return SCREENSHOTS
+
+
+@pytest.fixture
+def artefacts() -> Path:
+    """Where screenshots for CI to keep go: $SISY_ARTEFACTS, else build/artefacts/ (ignored by git)."""
+    folder = Path(os.environ.get("SISY_ARTEFACTS") or ROOT / "build" / "artefacts")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def admin(transactional_db: None) -> "User":
+    from django.contrib.auth.models import User
+
+    return User.objects.create_superuser("admin", "admin@example.com", "secret-pw")
+
+
+def wait(browser: "WebDriver") -> "WebDriverWait":
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(browser, TIMEOUT)
+
+
+def log_in(browser: "WebDriver", base: str) -> None:
+    """Log in as the ``admin`` fixture's superuser and wait for the admin index."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+
+    browser.get(f"{base}/admin/login/?next=/admin/")
+    browser.find_element(By.NAME, "username").send_keys("admin")
+    browser.find_element(By.NAME, "password").send_keys("secret-pw")
+    browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
+    wait(browser).until(EC.text_to_be_present_in_element((By.TAG_NAME, "h1"), "Site administration"))

@@ -13,7 +13,6 @@ from django.utils import timezone
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions as EC
-from selenium.webdriver.support.ui import WebDriverWait
 
 from sisy_celery import schedules
 from sisy_celery.admin import local_time
@@ -22,33 +21,14 @@ from sisy_celery.dispatch import TASK_NAME
 from sisy_celery.models import Run, Task, task_with_callable
 from sisy_celery.tasks import run_callable
 from tests import celery_app
+from tests.browser.conftest import log_in, wait
 from tests.testapp import jobs, models as test_models
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
-TIMEOUT = 10
-
-
-@pytest.fixture
-def admin(transactional_db: None) -> User:
-    return User.objects.create_superuser("admin", "admin@example.com", "secret-pw")
-
-
 @pytest.fixture(autouse=True)
 def empty_broker() -> None:
     celery_app.purge()
-
-
-def wait(browser: WebDriver) -> WebDriverWait:
-    return WebDriverWait(browser, TIMEOUT)
-
-
-def log_in(browser: WebDriver, base: str) -> None:
-    browser.get(f"{base}/admin/login/?next=/admin/")
-    browser.find_element(By.NAME, "username").send_keys("admin")
-    browser.find_element(By.NAME, "password").send_keys("secret-pw")
-    browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
-    wait(browser).until(EC.text_to_be_present_in_element((By.TAG_NAME, "h1"), "Site administration"))
 
 
 def type_into(browser: WebDriver, name: str, text: str) -> None:
