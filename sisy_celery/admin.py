@@ -7,7 +7,7 @@ the change permission and refuses callables outside ``SISY_ALLOWED_MODULES``.
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta, tzinfo
+from datetime import datetime, timedelta, timezone as dt_timezone, tzinfo
 from functools import lru_cache
 from typing import Any
 
@@ -25,6 +25,7 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 from django.utils.timesince import timesince, timeuntil
 
 from . import conf, engine, schedules
@@ -119,9 +120,10 @@ def local_time(moment: datetime, zone: tzinfo) -> str:
 
 
 def when(moment: datetime, zone: tzinfo, now: datetime) -> str:
-    """Relative and absolute time in one cell, absolute in the task's zone."""
-    return format_html('{}<br><span class="quiet" title="{}">{}</span>',
-                       relative(moment, now), moment.isoformat(), local_time(moment, zone))
+    """The one date format of the sisy admin: how far off (what a reader wants first), the absolute
+    time in ``zone`` on hover (what they check), so one short line serves list and form alike."""
+    return format_html('<time datetime="{}" title="{}">{}</time>',
+                       moment.isoformat(), local_time(moment, zone), relative(moment, now))
 
 
 def warning_list(warnings: list[str]) -> str:
@@ -181,9 +183,10 @@ class StateFilter(admin.SimpleListFilter):
 @admin.register(Task)
 class TaskAdmin(admin.ModelAdmin):
     form = TaskForm
+    # Six columns fit beside the admin's navigation at 1280 px: the time zone and the runs left are
+    # part of the schedule cell, the last result of the last run's, running and finished of the state.
     list_display = (
-        "label", "callable_display", "schedule_display", "zone_display", "next_run_display",
-        "last_run_display", "last_result", "iterations_display", "enabled", "running",
+        "label", "callable_display", "schedule_display", "next_run_display", "last_run_summary", "state_display",
     )
     list_filter = ("enabled", "running", "allow_overlap", StateFilter)
     search_fields = ("label", "_func_info__func_path")
@@ -192,12 +195,13 @@ class TaskAdmin(admin.ModelAdmin):
     show_full_result_count = False
     actions = ("enable_tasks", "disable_tasks", "run_tasks_now", "clear_running")
     state_fields = (
-        "next_run_display", "last_run_display", "last_result", "running", "problem", "finished_at",
-        "created_at", "modified_at",
+        "next_run_display", "last_run_display", "last_result", "running", "problem", "finished_display",
+        "created_display", "modified_display",
     )
     readonly_fields = ("next_runs", "callable_display", *state_fields)
 
     class Media:
+        css = {"all": ("sisy_celery/admin.css",)}
         js = ("sisy_celery/schedule_preview.js",)
 
     # -- form layout --------------------------------------------------------------------
@@ -220,19 +224,24 @@ class TaskAdmin(admin.ModelAdmin):
 
     @admin.display(description="Callable")
     def callable_display(self, task: Task) -> str:
+        """The dotted path, with line breaks allowed after its dots: a path deep in a project is
+        wider than the column."""
+        path = format_html_join(mark_safe(".<wbr>"), "{}", ((part,) for part in task.callable_path.split(".")))
         info = task._func_info or {}
         if info.get("func_type") == "instancemethod":
-            return format_html("<code>{}</code> (pk {})", task.callable_path, info.get("model_pk"))
-        return format_html("<code>{}</code>", task.callable_path)
+            return format_html('<code class="sisy-callable">{}</code> (pk {})', path, info.get("model_pk"))
+        return format_html('<code class="sisy-callable">{}</code>', path)
 
     @admin.display(description="Schedule", ordering="schedule")
     def schedule_display(self, task: Task) -> str:
-        return format_html('<code>{}</code><br><span class="quiet">{}</span>',
-                           task.schedule, describe_schedule(task.schedule))
-
-    @admin.display(description="Time zone", ordering="timezone")
-    def zone_display(self, task: Task) -> str:
-        return task.timezone or format_html('{} <span class="quiet">(default)</span>', conf.timezone_name())
+        """The cron string or interval on one line, then what it means, the zone it is read in and
+        how many runs are left (if not forever)."""
+        zone = task.timezone or format_html('{} <span class="quiet">(default)</span>', conf.timezone_name())
+        left = format_html('<div class="sisy-left">{} run{} left</div>', task.iterations,
+                           "" if task.iterations == 1 else "s") if task.iterations else ""
+        return format_html('<code class="sisy-schedule">{}</code><div class="quiet">{}</div>'
+                           '<div class="sisy-zone">{}</div>{}', task.schedule, describe_schedule(task.schedule),
+                           zone, left)
 
     @admin.display(description="Next run", ordering="next_run")
     def next_run_display(self, task: Task) -> str:
@@ -250,13 +259,44 @@ class TaskAdmin(admin.ModelAdmin):
             return "never"
         return when(task.last_run, zone, timezone.now())
 
+    @admin.display(description="Last run", ordering="last_run")
+    def last_run_summary(self, task: Task) -> str:
+        """When the last run was and how it ended, in one cell."""
+        if not task.last_status:
+            return self.last_run_display(task)
+        return format_html('{}<div class="sisy-status sisy-status-{}">{}</div>', self.last_run_display(task),
+                           task.last_status.lower(), task.last_status)
+
     @admin.display(description="Last result", ordering="last_status")
     def last_result(self, task: Task) -> str:
         return task.last_status or "—"
 
-    @admin.display(description="Iterations left", ordering="iterations")
-    def iterations_display(self, task: Task) -> str:
-        return str(task.iterations) if task.iterations else "∞"
+    @admin.display(description="State", ordering="-enabled")
+    def state_display(self, task: Task) -> str:
+        """Enabled, disabled or finished, and whether a run is going: one column for the flags."""
+        state = "finished" if task.finished_at is not None else "enabled" if task.enabled else "disabled"
+        if task.running:
+            return format_html('{}<div class="sisy-running">running</div>', state)
+        return state
+
+    @admin.display(description="Finished at")
+    def finished_display(self, task: Task) -> str:
+        return self.task_when(task, task.finished_at)
+
+    @admin.display(description="Created at")
+    def created_display(self, task: Task) -> str:
+        return self.task_when(task, task.created_at)
+
+    @admin.display(description="Modified at")
+    def modified_display(self, task: Task) -> str:
+        return self.task_when(task, task.modified_at)
+
+    @staticmethod
+    def task_when(task: Task, moment: datetime | None) -> str:
+        """``when`` in the task's zone (UTC if the zone is not known); "—" for no moment."""
+        if moment is None:
+            return "—"
+        return when(moment, zone_or_none(task) or dt_timezone.utc, timezone.now())
 
     @admin.display(description="Next runs")
     def next_runs(self, task: Task) -> str:
@@ -460,13 +500,14 @@ class TaskAdmin(admin.ModelAdmin):
         linked = self.admin_site.is_registered(TaskResult) and request.user.has_perm(
             "django_celery_results.view_taskresult")
         zone = zone_or_none(task) or timezone.get_current_timezone()
+        now = timezone.now()
         runs = []
         for run in shown:
             result = results.get(run.celery_id)
             duration = run.finished_at - run.started_at if run.finished_at and run.started_at else None
             runs.append({
                 "run": run,
-                "slot": local_time(run.slot, zone),
+                "slot": when(run.slot, zone, now),
                 "lateness": f"{run.lateness.total_seconds():.3f} s" if run.lateness is not None else "",
                 "duration": f"{duration.total_seconds():.3f} s" if duration is not None else "",
                 "url": reverse(f"{self.admin_site.name}:django_celery_results_taskresult_change",
@@ -484,13 +525,26 @@ class TaskAdmin(admin.ModelAdmin):
 class BeatProcessAdmin(admin.ModelAdmin):
     """Beat processes as they last reported; read-only (stale rows may be deleted)."""
 
-    list_display = ("ident", "hostname", "pid", "started_at", "last_tick", "tick_age")
+    list_display = ("ident", "hostname", "pid", "started", "last_tick_display")
+    fields = ("ident", "hostname", "pid", "started", "last_tick_display", "stopped")
+    readonly_fields = ("started", "last_tick_display", "stopped")
     ordering = ("-last_tick",)
     search_fields = ("ident", "hostname")
 
-    @admin.display(description="Last tick")
-    def tick_age(self, beat: BeatProcess) -> str:
-        return relative(beat.last_tick, timezone.now())
+    class Media:
+        css = {"all": ("sisy_celery/admin.css",)}
+
+    @admin.display(description="Started", ordering="started_at")
+    def started(self, beat: BeatProcess) -> str:
+        return when(beat.started_at, dt_timezone.utc, timezone.now())
+
+    @admin.display(description="Last tick", ordering="last_tick")
+    def last_tick_display(self, beat: BeatProcess) -> str:
+        return when(beat.last_tick, dt_timezone.utc, timezone.now())
+
+    @admin.display(description="Stopped")
+    def stopped(self, beat: BeatProcess) -> str:
+        return when(beat.stopped_at, dt_timezone.utc, timezone.now()) if beat.stopped_at else "—"
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -129,15 +129,28 @@ def test_changelist_columns(admin_client: Client) -> None:
     assert response.status_code == 200
     page = response.content.decode()
     assert "every half minute" in page and "never ran" in page
-    assert "<code>tests.testapp.jobs.job</code>" in page
-    assert "<code>tests.testapp.jobs.no_params</code>" in page
-    assert "Every 30 seconds" in page
+    assert '<code class="sisy-callable">tests.<wbr>testapp.<wbr>jobs.<wbr>job</code>' in page
+    assert '<code class="sisy-callable">tests.<wbr>testapp.<wbr>jobs.<wbr>no_params</code>' in page
+    assert '<code class="sisy-schedule">* * * * * */30</code><div class="quiet">Every 30 seconds</div>' in page
     assert "At 09:00, Monday through Friday" in page
-    assert "Europe/Paris" in page and "UTC <span class=\"quiet\">(default)</span>" in page
-    assert local_paris(task.next_run) in page
-    assert "5\xa0minutes ago" in page and ">never<" in page
-    assert "SUCCESS" in page
-    assert ">3<" in page and "∞" in page
+    assert '<div class="sisy-zone">Europe/Paris</div><div class="sisy-left">3 runs left</div>' in page
+    assert '<div class="sisy-zone">UTC <span class="quiet">(default)</span></div></td>' in page
+    assert f'<time datetime="{task.next_run.isoformat()}" title="{local_paris(task.next_run)}">in ' in page
+    assert (f'title="{local_paris(task.last_run)}">5\xa0minutes ago</time>'
+            '<div class="sisy-status sisy-status-success">SUCCESS</div>') in page
+    assert '<td class="field-last_run_summary">never</td>' in page
+    assert '<td class="field-state_display">enabled</td>' in page
+    for gone in ("Time zone", "Iterations left", "Last result", "column-running"):
+        assert gone not in page
+
+
+def test_changelist_state_column_merges_the_flags(admin_client: Client) -> None:
+    make_busy(make_task("busy"))
+    make_task("off", enabled=False)
+    make_task("done", enabled=False, finished_at=timezone.now())
+    page = admin_client.get(reverse(CHANGELIST)).content.decode()
+    states = re.findall(r'<td class="field-state_display">(.*?)</td>', page)
+    assert sorted(states) == ['disabled', 'enabled<div class="sisy-running">running</div>', 'finished']
 
 
 def local_paris(moment: datetime) -> str:
@@ -499,6 +512,22 @@ def test_change_page_shows_form_preview_and_state(admin_client: Client) -> None:
     assert "No runs recorded yet." in admin_client.get(change_url(make_task("idle"))).content.decode()
 
 
+@pytest.mark.parametrize("field", ["next_run_display", "last_run_display", "finished_display", "created_display",
+                                   "modified_display"])
+def test_change_page_shows_every_date_in_one_format(admin_client: Client, field: str) -> None:
+    now = timezone.now()
+    task = make_task("dated", timezone="Asia/Tokyo", last_run=now - timedelta(minutes=5), finished_at=now)
+    before = timezone.now()
+    page = admin_client.get(change_url(task)).content.decode()
+    after = timezone.now()
+    cell = page[page.index(f"field-{field}"):]
+    cell = cell[cell.index('<div class="readonly">') + len('<div class="readonly">'):cell.index("</div>")]
+    moment = getattr(Task.objects.get(pk=task.pk), field.replace("_display", "_at").replace("_run_at", "_run"))
+    absolute = moment.astimezone(ZoneInfo("Asia/Tokyo")).strftime("%Y-%m-%d %H:%M:%S %Z")
+    assert cell in {f'<time datetime="{moment.isoformat()}" title="{absolute}">{sisy_admin.relative(moment, now)}</time>'
+                    for now in (before, after)}
+
+
 def test_change_form_edits_schedule_and_ignores_func_info(admin_client: Client) -> None:
     task = make_task("edit me", schedule="0 0 1 1 *")
     old_next = task.next_run
@@ -702,11 +731,15 @@ def test_run_history_reads_the_ledger_with_results_in_two_queries(admin_client: 
     page = admin_client.get(change_url(task)).content.decode()
     section = page[page.index('id="sisy-run-history"'):]
     assert "<th scope=\"col\">Late by</th>" in section
+    soon = " ".join(sisy_admin.relative(T0, timezone.now()).split())  # slots minutes apart, years ahead
     assert cells(section) == [
-        ["2030-01-01 01:03:00 CET", "claimed", "", "", "", waiting.celery_id],
-        ["2030-01-01 01:02:00 CET", "failed RuntimeError: boom", "3.000 s", "2.000 s", "celery@host2", failed.celery_id],
-        ["2030-01-01 01:01:00 CET", "succeeded", "0.250 s", "1.000 s", "celery@host1", ok.celery_id],
+        [soon, "claimed", "", "", "", waiting.celery_id],
+        [soon, "failed RuntimeError: boom", "3.000 s", "2.000 s", "celery@host2", failed.celery_id],
+        [soon, "succeeded", "0.250 s", "1.000 s", "celery@host1", ok.celery_id],
     ]
+    # The slot in the one date format: relative, the absolute time in the task's zone on hover.
+    assert re.findall(r'<td><time datetime="[^"]+" title="([^"]+)">', section) == [
+        "2030-01-01 01:03:00 CET", "2030-01-01 01:02:00 CET", "2030-01-01 01:01:00 CET"]
     assert '<div class="errornote sisy-run-error">RuntimeError: boom</div>' in section
     link = reverse("admin:django_celery_results_taskresult_change", args=[failed_result.pk])
     assert f'<a href="{link}">{failed.celery_id}</a>' in section
@@ -767,7 +800,7 @@ def test_view_only_staff_cannot_edit_or_run() -> None:
     assert page.status_code == 200
     content = page.content.decode()
     assert 'name="callable"' not in content and 'name="_save"' not in content and "Run now" not in content
-    assert "<code>tests.testapp.jobs.job</code>" in content
+    assert '<code class="sisy-callable">tests.<wbr>testapp.<wbr>jobs.<wbr>job</code>' in content
     assert viewer.post(change_url(task), form_data(label="hacked")).status_code == 403
     assert viewer.get(run_url(task)).status_code == 403
     assert viewer.post(run_url(task)).status_code == 403
@@ -819,7 +852,17 @@ def test_beat_process_admin_is_read_only(admin_client: Client) -> None:
     beat = BeatProcess.objects.create(ident="host:1", hostname="host", pid=1, started_at=now - timedelta(hours=1),
                                       last_tick=now - timedelta(seconds=5))
     listing = admin_client.get(reverse("admin:sisy_celery_beatprocess_changelist")).content.decode()
-    assert "host:1" in listing and "5 seconds ago" in listing
+    assert "host:1" in listing
+    assert re.findall(r'<th[^>]*class="[^"]*column-(\w+)', listing) == [
+        "ident", "hostname", "pid", "started", "last_tick_display"]  # one "last tick" column
+    utc = "%Y-%m-%d %H:%M:%S UTC"
+    assert f'title="{beat.last_tick.strftime(utc)}">5 seconds ago</time>' in listing
+    assert f'title="{beat.started_at.strftime(utc)}">1\xa0hour ago</time>' in listing
+    view = admin_client.get(reverse("admin:sisy_celery_beatprocess_change", args=[beat.pk])).content.decode()
+    assert f'title="{beat.last_tick.strftime(utc)}">5 seconds ago</time>' in view
+    BeatProcess.objects.filter(pk=beat.pk).update(stopped_at=now - timedelta(seconds=2))
+    view = admin_client.get(reverse("admin:sisy_celery_beatprocess_change", args=[beat.pk])).content.decode()
+    assert f'title="{(now - timedelta(seconds=2)).strftime(utc)}">2 seconds ago</time>' in view
     assert admin_client.get(reverse("admin:sisy_celery_beatprocess_add")).status_code == 403
     page = admin_client.get(reverse("admin:sisy_celery_beatprocess_change", args=[beat.pk]))
     assert page.status_code == 200 and 'name="_save"' not in page.content.decode()

@@ -144,7 +144,9 @@ def test_run_now_shows_the_run_in_history(browser: WebDriver, live_server: Any, 
     row = history.find_element(By.CSS_SELECTOR, "tbody tr")
     assert row.find_element(By.CSS_SELECTOR, ".sisy-run-state").text == "succeeded"
     cells = [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
-    assert cells[0] == local_time(run.slot, ZoneInfo("Europe/Paris"))
+    slot = row.find_element(By.CSS_SELECTOR, "td:first-child time")
+    assert slot.get_attribute("title") == local_time(run.slot, ZoneInfo("Europe/Paris"))
+    assert cells[0] == slot.text and cells[0].endswith("ago")
     assert cells[2] == f"{run.lateness.total_seconds():.3f} s" and cells[4] == run.worker
     wait(browser).until(lambda b: "At 02:30" in preview_text(b))
     assert console_errors(browser) == []
