@@ -126,6 +126,23 @@ def when(moment: datetime, zone: tzinfo, now: datetime) -> str:
                        moment.isoformat(), local_time(moment, zone), relative(moment, now))
 
 
+def is_one_off(task: Task) -> bool:
+    """True for a task made by ``Task.run_once`` (or alike): one iteration left, not waiting for the
+    schedule and never run, so its only run is its first slot, right away or at ``start_running``,
+    and its schedule string ("* * * * * *" by default) never comes into play."""
+    return task.iterations == 1 and not task.wait_for_schedule and task.last_run <= HAS_NOT_RUN
+
+
+def describe_one_off(task: Task, now: datetime) -> str:
+    """'Once, in 3 minutes' for a one-off task: when it runs, or that it is running or finished."""
+    zone = zone_or_none(task) or dt_timezone.utc
+    if task.finished_at is not None:
+        return format_html("Once, finished {}", when(task.finished_at, zone, now))
+    if task.running:
+        return "Once, running"
+    return format_html("Once, {}", when(task.next_run, zone, now))
+
+
 def warning_list(warnings: list[str]) -> str:
     """Warnings about a valid schedule, in the admin's message style."""
     if not warnings:
@@ -237,6 +254,8 @@ class TaskAdmin(admin.ModelAdmin):
         """The cron string or interval on one line, then what it means, the zone it is read in and
         how many runs are left (if not forever)."""
         zone = task.timezone or format_html('{} <span class="quiet">(default)</span>', conf.timezone_name())
+        if is_one_off(task):
+            return format_html('{}<div class="sisy-zone">{}</div>', describe_one_off(task, timezone.now()), zone)
         left = format_html('<div class="sisy-left">{} run{} left</div>', task.iterations,
                            "" if task.iterations == 1 else "s") if task.iterations else ""
         return format_html('<code class="sisy-schedule">{}</code><div class="quiet">{}</div>'
@@ -301,6 +320,11 @@ class TaskAdmin(admin.ModelAdmin):
     @admin.display(description="Next runs")
     def next_runs(self, task: Task) -> str:
         """Server-rendered preview; schedule_preview.js refreshes it as the fields are edited."""
+        if is_one_off(task):
+            return format_html('<div class="sisy-preview" data-once="1"><p>{}</p><p class="quiet">{}</p></div>',
+                               describe_one_off(task, timezone.now()),
+                               "One iteration left and no wait for the schedule: the task runs once, "
+                               "and its schedule is not used.")
         url = reverse(f"{self.admin_site.name}:sisy_celery_task_preview")
         try:
             zone = task.zone

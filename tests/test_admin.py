@@ -144,6 +144,44 @@ def test_changelist_columns(admin_client: Client) -> None:
         assert gone not in page
 
 
+def test_one_off_tasks_are_told_apart() -> None:
+    """A task Task.run_once made runs once whatever its schedule says; a task that waits for its
+    schedule, or has run and has one iteration left, runs on its schedule."""
+    later = timezone.now() + timedelta(hours=3)
+    assert sisy_admin.is_one_off(Task.run_once(jobs.job, delay_until=later))
+    assert sisy_admin.is_one_off(Task.run_once(jobs.job, schedule="0 9 * * *"))
+    assert sisy_admin.is_one_off(Task.run_iterations(jobs.job, iterations=1, run_immediately=True))
+    assert not sisy_admin.is_one_off(Task.run_iterations(jobs.job, iterations=1, schedule="0 9 * * *"))
+    assert not sisy_admin.is_one_off(Task.run_iterations(jobs.job, iterations=2, run_immediately=True))
+    assert not sisy_admin.is_one_off(make_task(iterations=1, wait_for_schedule=False,
+                                               last_run=timezone.now() - timedelta(hours=1)))
+
+
+def test_run_once_task_is_described_as_once(admin_client: Client) -> None:
+    later = timezone.now() + timedelta(hours=3)
+    once = Task.run_once(jobs.job, label="one-off", delay_until=later, timezone="Asia/Tokyo")
+    assert once.schedule == "* * * * * *" and once.next_run == later
+    tokyo = later.astimezone(ZoneInfo("Asia/Tokyo")).strftime("%Y-%m-%d %H:%M:%S %Z")
+    page = admin_client.get(reverse(CHANGELIST)).content.decode()
+    cell = page[page.index('<td class="field-schedule_display">'):]
+    assert cell.startswith(f'<td class="field-schedule_display">Once, <time datetime="{later.isoformat()}" '
+                           f'title="{tokyo}">in 2\xa0hours</time><div class="sisy-zone">Asia/Tokyo</div></td>')
+    assert "Every second" not in page and "* * * * * *" not in page
+
+    change = admin_client.get(change_url(once)).content.decode()
+    preview = change[change.index('class="sisy-preview"'):]
+    assert preview.startswith(f'class="sisy-preview" data-once="1"><p>Once, <time datetime="{later.isoformat()}"')
+    assert "the task runs once, and its schedule is not used" in preview and "Every second" not in change
+
+    make_busy(once)
+    cell = admin_client.get(reverse(CHANGELIST)).content.decode()
+    assert '<td class="field-schedule_display">Once, running<div class="sisy-zone">' in cell
+    finished = timezone.now() - timedelta(minutes=2)
+    Task.objects.filter(pk=once.pk).update(running=False, enabled=False, finished_at=finished)
+    page = admin_client.get(reverse(CHANGELIST)).content.decode()
+    assert f'Once, finished <time datetime="{finished.isoformat()}"' in page and ">2\xa0minutes ago</time>" in page
+
+
 def test_changelist_state_column_merges_the_flags(admin_client: Client) -> None:
     make_busy(make_task("busy"))
     make_task("off", enabled=False)

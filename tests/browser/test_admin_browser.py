@@ -1,6 +1,7 @@
 """The Task admin in headless Chromium: log in, create a task, schedule errors, preview, run now, history."""
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -155,3 +156,18 @@ def test_run_now_shows_the_run_in_history(browser: WebDriver, live_server: Any, 
     row.find_element(By.LINK_TEXT, celery_id).click()
     wait(browser).until(EC.text_to_be_present_in_element((By.CSS_SELECTOR, ".field-task_id"), celery_id))
     assert task.result_tag in browser.find_element(By.CSS_SELECTOR, ".field-periodic_task_name").text
+
+
+def test_one_off_task_preview_is_not_replaced_by_its_schedule(browser: WebDriver, live_server: Any,
+                                                              admin: User) -> None:
+    once = Task.run_once(jobs.job, label="one-off", delay_until=timezone.now() + timedelta(minutes=30))
+    log_in(browser, live_server.url)
+    browser.get(f"{live_server.url}/admin/sisy_celery/task/{once.pk}/change/")
+    wait(browser).until(lambda b: b.execute_script("return document.readyState") == "complete")
+    time.sleep(1)  # what schedule_preview.js would fetch on load comes back well within this
+    assert preview_text(browser).startswith("Once, in 29 minutes")
+    assert not browser.execute_script(
+        "return performance.getEntriesByType('resource').filter(e => e.name.includes('/preview/')).length")
+    assert browser.find_element(By.CSS_SELECTOR, ".sisy-preview time").get_attribute("title") == local_time(
+        once.next_run, once.zone)
+    assert console_errors(browser) == []

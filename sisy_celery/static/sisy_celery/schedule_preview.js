@@ -36,7 +36,7 @@
         const box = document.querySelector(".sisy-preview");
         const schedule = document.getElementById("id_schedule");
         const zone = document.getElementById("id_timezone");
-        if (!box || !schedule) { return; }
+        if (!box || !schedule || box.dataset.once) { return; }  // a one-off task does not use its schedule
         let timer = null;
         let latest = 0;
         function refresh() {
