@@ -62,10 +62,9 @@ INSTALLED_APPS = [
     "sisy_celery",
     "jobs",
 ]
+# Workers, beats and management commands need no static files, so WhiteNoise is optional: without
+# it only DEBUG's runserver serves the admin's CSS.
 WHITENOISE = importlib.util.find_spec("whitenoise") is not None
-if not DEBUG and not WHITENOISE:
-    raise ImproperlyConfigured("With DJANGO_DEBUG=0 the admin's static files are served by WhiteNoise: "
-                               "pip install 'sisy-celery[example]'.")
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     *(["whitenoise.middleware.WhiteNoiseMiddleware"] if WHITENOISE else []),
