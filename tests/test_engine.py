@@ -9,11 +9,12 @@ from __future__ import annotations
 import threading
 import time
 from datetime import datetime, timedelta, timezone as dt_timezone
+from types import SimpleNamespace
 from typing import Any, Sequence
 from zoneinfo import ZoneInfo
 
 import pytest
-from django.db import OperationalError, connection, connections
+from django.db import OperationalError, connection, connections, transaction
 from django.test.utils import override_settings
 
 from sisy_celery import engine
@@ -438,9 +439,10 @@ def test_purge_deletes_settled_runs_in_bounded_batches() -> None:
         dispatch(now)
         run_to_end(task, now, now)
     dispatch(T0 + timedelta(seconds=5))  # one unsettled run: never purged
+    assert engine.purge(T0 + timedelta(seconds=1), 3) == 1, "only runs claimed before the cutoff"
     cutoff = T0 + timedelta(days=1)
     assert engine.purge(cutoff, 3) == 3
-    assert engine.purge(cutoff, 3) == 2
+    assert engine.purge(cutoff, 3) == 1
     assert engine.purge(cutoff, 3) == 0
     assert runs_of(task) == [(T0 + timedelta(seconds=5), Run.PUBLISHED)]
 
@@ -590,3 +592,425 @@ def test_a_recurring_run_settled_late_or_after_its_task_was_deleted() -> None:
     Task.objects.filter(pk=deleted.pk).delete()
     assert engine.settle(deleted_start, "SUCCESS", "", T0 + timedelta(seconds=402), deleted)
     assert runs_of(deleted) == [(T0, Run.SUCCEEDED)]
+
+
+# -- exact outcomes: texts stored, timestamps, which rows a write touches ---------------------
+
+
+def logged(caplog: pytest.LogCaptureFixture, level: str) -> list[str]:
+    """The messages the engine logged at ``level``."""
+    return [record.getMessage() for record in caplog.records
+            if record.name == "sisy_celery.engine" and record.levelname == level]
+
+
+@pytest.mark.parametrize("text, stored", [
+    ("x" * 300, "x" * 300),
+    ("x" * 301, "x" * 297 + "..."),
+    ("y" * 1000, "y" * 297 + "..."),
+])
+def test_short_keeps_300_characters_and_marks_a_cut(text: str, stored: str) -> None:
+    assert engine._short(text) == stored
+
+
+def test_a_long_reason_is_stored_cut_to_the_column() -> None:
+    task = make()
+    dispatch(T0)
+    assert engine.abandon([task.pk], T0, "z" * 400) == 1
+    assert Run.objects.get(task_id=task.pk).error == "z" * 297 + "..."
+
+
+def test_plan_at_the_end_running_slot_still_sends_and_keeps_slots() -> None:
+    """``end_running`` is the last instant a slot may run; the decisions carry the slot they are about."""
+    last = make(start_running=T0 - timedelta(days=1), end_running=T0)
+    decision = engine.plan(last, T0)
+    assert (decision.action, decision.slot) == (engine.SEND, T0)
+    ended = make(start_running=T0 - timedelta(days=1), end_running=T0 - timedelta(seconds=1))
+    assert (engine.plan(ended, T0).action, engine.plan(ended, T0).slot) == (engine.FINISH, T0)
+    broken = make()
+    broken.schedule = "61 * * * *"
+    assert (engine.plan(broken, T0).action, engine.plan(broken, T0).slot) == (engine.BROKEN, T0)
+
+
+def test_claim_logs_skipped_finished_and_flagged_tasks(caplog: pytest.LogCaptureFixture) -> None:
+    """A sent slot logs nothing; a skip and a finish are logged at INFO, a broken row at ERROR, each with
+    the task's id and label and what decided it."""
+    busy = make(allow_overlap=False, label="solo")
+    dispatch(T0)
+    end = T0 + timedelta(seconds=0.5)
+    ended = make(start_running=T0 - timedelta(days=1), end_running=end, label="ended", due=T0 + timedelta(seconds=1))
+    broken = make(label="moon", due=T0 + timedelta(seconds=1))
+    Task.objects.filter(pk=broken.pk).update(schedule="every full moon")
+    make(label="fine", due=T0 + timedelta(seconds=1))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="sisy_celery.engine"):
+        dispatch(T0 + timedelta(seconds=1))
+    slot = (T0 + timedelta(seconds=1)).isoformat()
+    skipped, finished = sorted(logged(caplog, "INFO"), key=lambda message: f"id={busy.pk} " not in message)
+    assert skipped.startswith(f"sisy task id={busy.pk} label='solo': slot {slot} skipped")
+    assert skipped.endswith(f"(next {(T0 + timedelta(seconds=2)).isoformat()})")
+    assert finished.startswith(f"sisy task id={ended.pk} label='ended' finished: end_running {end.isoformat()} ")
+    problem = Task.objects.get(pk=broken.pk).problem
+    assert problem and logged(caplog, "ERROR") == [
+        f"sisy task id={broken.pk} label='moon' flagged and not scheduled: {problem}"]
+
+
+def test_unsettled_counts_only_the_tasks_asked_for() -> None:
+    a, b = make(), make()
+    dispatch(T0)
+    assert engine.unsettled_counts([a.pk]) == {a.pk: 1}
+    assert engine.unsettled_counts([]) == {}
+
+
+def test_a_beat_whose_read_is_overtaken_by_another_claim_wins_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without row locks (SQLite) claim_due writes conditionally: a beat that read a due row another beat
+    has claimed since neither inserts a second run nor moves ``next_run`` again. (The conditional
+    path is taken on every database here, PostgreSQL included, where SKIP LOCKED would be used.)"""
+    monkeypatch.setattr(connection.features, "has_select_for_update_skip_locked", False)
+    task = make()
+    counts = engine.unsettled_counts
+    overtaken: list[engine.Batch] = []
+
+    def other_beat_first(task_pks: Any) -> dict[Any, int]:
+        """Beat B claims the rows beat A has just read, before A decides."""
+        monkeypatch.setattr(engine, "unsettled_counts", counts)
+        overtaken.append(engine.claim_due(T0, 100, "beat-b:2"))
+        return counts(task_pks)
+
+    monkeypatch.setattr(engine, "unsettled_counts", other_beat_first)
+    batch = engine.claim_due(T0, 100, BEAT)
+    assert (batch.examined, batch.runs, batch.decisions) == (1, [], [])
+    assert [run.beat for run in overtaken[0].runs] == ["beat-b:2"]
+    assert runs_of(task) == [(T0, Run.CLAIMED)]
+    assert Task.objects.get(pk=task.pk).next_run == T0 + timedelta(seconds=1)
+
+
+def test_a_finish_decision_lost_to_another_beat_is_not_won() -> None:
+    ended = make(start_running=T0 - timedelta(days=1), end_running=T0 - timedelta(seconds=1))
+    stale = engine.plan(Task.objects.get(pk=ended.pk), T0)
+    assert stale.action == engine.FINISH
+    dispatch(T0)
+    assert engine._write_conditional([stale]) == []
+
+
+def test_the_locked_writer_applies_every_decision_to_its_own_row() -> None:
+    """The locked path's writer (PostgreSQL, rows held by the claim's SKIP LOCKED select) writes rows due
+    together with one UPDATE per set of values: each row still gets exactly its own decision."""
+    sends = [make() for _ in range(2)]
+    minute = make(schedule="* * * * *")
+    solo = make(allow_overlap=False)
+    ended = make(start_running=T0 - timedelta(days=1), end_running=T0 - timedelta(seconds=1))
+    broken = make()
+    broken.schedule = "61 * * * *"
+    decisions = [engine.plan(task, T0) for task in (*sends, minute, ended, broken)] + [engine.plan(solo, T0, 1)]
+    assert [d.action for d in decisions] == [engine.SEND] * 3 + [engine.FINISH, engine.BROKEN, engine.SKIP]
+    with transaction.atomic():
+        assert engine._write_locked(decisions) == decisions
+    rows = {task.pk: task for task in Task.objects.all()}
+    assert ended.pk not in rows
+    assert [(rows[t.pk].next_run, rows[t.pk].running) for t in sends] == [(T0 + timedelta(seconds=1), True)] * 2
+    assert (rows[minute.pk].next_run, rows[minute.pk].running) == (T0 + timedelta(minutes=1), True)
+    assert (rows[solo.pk].next_run, rows[solo.pk].running) == (T0 + timedelta(seconds=1), False)
+    assert (rows[broken.pk].next_run, rows[broken.pk].problem) == (FAR_FUTURE, decisions[4].problem)
+    assert decisions[4].problem
+
+
+def test_publish_of_nothing_sends_nothing() -> None:
+    stub = StubDispatcher()
+    assert engine.publish([], stub, T0) == 0 and stub.sent == []
+
+
+def test_a_late_publish_does_not_step_back_a_run_already_started() -> None:
+    """Beat's publish marks only runs still claimed: a copy published by another beat may have started."""
+    task = make()
+    batch = engine.claim_due(T0, 100, BEAT)
+    assert isinstance(start(task, T0, T0 + timedelta(seconds=1)), engine.Started)
+    assert engine.publish(batch.runs, StubDispatcher(), T0 + timedelta(seconds=2)) == 1
+    run = Run.objects.get(task_id=task.pk)
+    assert (run.state, run.published_at) == (Run.STARTED, None)
+
+
+def test_a_refused_message_settles_only_its_run_and_names_the_default_queue(
+        caplog: pytest.LogCaptureFixture) -> None:
+    bad, waiting_run = make(label="nightly"), make()
+    batch = engine.claim_due(T0, 100, BEAT)
+    now = T0 + timedelta(seconds=1)
+    with caplog.at_level("ERROR", logger="sisy_celery.engine"):
+        sent = engine.publish([run for run in batch.runs if run.task_id == bad.pk], StubDispatcher(refuse=[bad.pk]),
+                              now)
+    assert sent == 0
+    run = Run.objects.get(task_id=bad.pk)
+    assert (run.state, run.finished_at, run.error) == (Run.LOST, now, "refused by the broker: ACCESS_REFUSED")
+    assert runs_of(waiting_run) == [(T0, Run.CLAIMED)], "another task's claimed run is not touched"
+    bad.refresh_from_db()
+    assert bad.problem == "The broker refused the message for queue '(default)': ACCESS_REFUSED"
+    (message,) = logged(caplog, "ERROR")
+    assert message.startswith(f"sisy task id={bad.pk} label='nightly' queue='' ")
+    assert message.endswith("(ACCESS_REFUSED)")
+
+
+def test_park_leaves_a_run_that_already_started_alone() -> None:
+    """A refusal reported for a run another beat's copy already started flags the task, not the run."""
+    task = make(queue="gone")
+    batch = engine.claim_due(T0, 100, BEAT)
+    assert isinstance(start(task, T0, T0), engine.Started)
+    engine.park(batch.runs[0], "NOT_FOUND", T0 + timedelta(seconds=1))
+    assert runs_of(task) == [(T0, Run.STARTED)]
+    task.refresh_from_db()
+    assert task.next_run == FAR_FUTURE and task.problem.endswith("'gone': NOT_FOUND") and task.running
+
+
+def test_claim_stale_takes_over_only_stale_claimed_runs_up_to_the_limit(caplog: pytest.LogCaptureFixture) -> None:
+    old = [make(schedule="* * * * *", label=f"old{n}") for n in range(2)]
+    published = make(schedule="* * * * *")
+    engine.claim_due(T0, 100, BEAT)
+    engine.publish([r for r in Run.objects.select_related("task") if r.task_id == published.pk], StubDispatcher(), T0)
+    fresh = make(due=T0 + timedelta(seconds=8))
+    engine.claim_due(T0 + timedelta(seconds=8), 100, "beat-c:3")
+    now = T0 + timedelta(seconds=11)
+    with caplog.at_level("WARNING", logger="sisy_celery.engine"):
+        stale = engine.claim_stale(now, 10, "beat-b:2", 1)
+    assert [run.task_id for run in stale] == [old[0].pk] and stale[0].task.label == "old0"
+    beats = {task_id: (state, beat, claimed_at) for task_id, state, beat, claimed_at
+             in Run.objects.values_list("task_id", "state", "beat", "claimed_at")}
+    assert beats == {old[0].pk: (Run.CLAIMED, "beat-b:2", now), old[1].pk: (Run.CLAIMED, BEAT, T0),
+                     published.pk: (Run.PUBLISHED, BEAT, T0),
+                     fresh.pk: (Run.CLAIMED, "beat-c:3", T0 + timedelta(seconds=8))}
+    (message,) = logged(caplog, "WARNING")
+    assert message.startswith(f"sisy task id={old[0].pk} label='old0': run for slot {T0.isoformat()} "
+                              f"was claimed by {BEAT} ")
+    assert message.endswith("publishing it now")
+    # taken over just now: not stale again for another ``older_than``
+    assert [run.task_id for run in engine.claim_stale(now + timedelta(seconds=5), 10, "beat-d:4", 100)] == [
+        old[1].pk]
+
+
+def test_a_claimed_run_of_a_deleted_task_is_revoked_with_its_reason() -> None:
+    task = make()
+    engine.claim_due(T0, 100, BEAT)
+    Task.objects.filter(pk=task.pk).delete()
+    now = T0 + timedelta(seconds=11)
+    assert engine.claim_stale(now, 10, BEAT, 100) == []
+    run = Run.objects.get(task_id=task.pk)
+    assert (run.state, run.finished_at, run.error) == (
+        Run.REVOKED, now, "its task was deleted before the run was published")
+
+
+def test_lapse_records_when_and_why_and_respects_the_limit(caplog: pytest.LogCaptureFixture) -> None:
+    queued, running = make(), make()
+    for second in range(2):  # more runs than tasks: run and task ids differ
+        dispatch(T0 + timedelta(seconds=second))
+    start(running, T0, T0)
+    start(running, T0 + timedelta(seconds=1), T0 + timedelta(seconds=1))
+    now = T0 + timedelta(seconds=400)
+    with caplog.at_level("WARNING", logger="sisy_celery.engine"):
+        assert engine.lapse(now, 3) == 3
+    lost = {(r.task_id, r.slot): r for r in Run.objects.filter(state=Run.LOST)}
+    assert len(lost) == 3 and Run.objects.exclude(state=Run.LOST).count() == 1
+    published_why = "not started by any worker before its lease lapsed (message lost, or no worker)"
+    started_why = "its worker stopped renewing the lease (worker lost)"
+    for run in lost.values():
+        assert (run.finished_at, run.lease_until) == (now, None)
+        assert run.error == (published_why if run.task_id == queued.pk else started_why)
+    messages = logged(caplog, "WARNING")
+    assert len(messages) == 3
+    for (task_pk, slot), run in lost.items():
+        suffix = f"{published_why}" if task_pk == queued.pk else f"{started_why} (w1)"
+        assert f"sisy task id={task_pk}: run for slot {slot.isoformat()} lost: {suffix}" in messages
+
+
+def test_a_lease_renewed_while_lapse_decides_keeps_its_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """lapse reads the lapsed runs, then settles each only if its lease is still lapsed: a worker that
+    renews between the read and the write keeps its run."""
+    task = make()
+    dispatch(T0)
+    started = start(task, T0, T0)
+    now = T0 + timedelta(seconds=400)
+    atomic = transaction.atomic
+
+    def renewed_first() -> Any:
+        assert engine.renew([started], now) == 1
+        return atomic()
+
+    monkeypatch.setattr(engine, "transaction", SimpleNamespace(atomic=renewed_first))
+    engine.lapse(now, 100)
+    run = Run.objects.get(task_id=task.pk)
+    assert (run.state, run.lease_until) == (Run.STARTED, now + timedelta(seconds=300))
+    assert Task.objects.get(pk=task.pk).running
+
+
+def test_a_late_outcome_is_recorded_with_its_time_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    task = make()
+    dispatch(T0)
+    started = start(task, T0, T0)
+    engine.lapse(T0 + timedelta(seconds=400), 100)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sisy_celery.engine"):
+        assert not engine.settle(started, "FAILURE", "boom", T0 + timedelta(seconds=401), task)
+    run = Run.objects.get(task_id=task.pk)
+    assert (run.state, run.finished_at) == (Run.FAILED, T0 + timedelta(seconds=401))
+    assert run.error == "finished after its lease had lapsed; not counted as an iteration. boom"
+    (message,) = logged(caplog, "WARNING")
+    assert message.startswith(f"sisy task id={task.pk}: run for slot {T0.isoformat()} finished after its lease")
+    assert message.endswith("it uses no iteration")
+
+
+def test_settle_an_unknown_celery_state_as_failed() -> None:
+    task = make()
+    dispatch(T0)
+    assert engine.settle(start(task, T0, T0), "REVOKED", "", T0 + timedelta(seconds=1), task)
+    assert Run.objects.get(task_id=task.pk).state == Run.FAILED
+    assert Task.objects.get(pk=task.pk).last_status == "REVOKED"
+
+
+def test_settle_touches_only_the_run_it_names() -> None:
+    """Two tasks' runs of the same slot, and two slots of one task, started at the same instant."""
+    a, b = make(), make()
+    dispatch(T0)
+    dispatch(T0 + timedelta(seconds=1))
+    now = T0 + timedelta(seconds=2)
+    started = {(task.pk, slot): start(task, slot, now) for task in (a, b) for slot in (T0, T0 + timedelta(seconds=1))}
+    assert engine.settle(started[(a.pk, T0)], "SUCCESS", "", now, a)
+    assert dict(Run.objects.filter(task_id=a.pk).values_list("slot", "state")) == {
+        T0: Run.SUCCEEDED, T0 + timedelta(seconds=1): Run.STARTED}
+    assert set(Run.objects.filter(task_id=b.pk).values_list("state", flat=True)) == {Run.STARTED}
+    # the task still has a run going, the other task is untouched
+    assert (Task.objects.get(pk=a.pk).running, Task.objects.get(pk=b.pk).last_status) == (True, "")
+
+
+def test_settle_counts_an_iteration_and_records_the_outcome() -> None:
+    task, other = make(iterations=2), make()
+    dispatch(T0)
+    started = start(task, T0, T0 + timedelta(seconds=0.5))
+    assert engine.settle(started, "SUCCESS", "", T0 + timedelta(seconds=1), task)
+    task.refresh_from_db()
+    assert (task.iterations, task.last_status, task.last_run, task.running, task.enabled) == (
+        1, "SUCCESS", T0 + timedelta(seconds=0.5), False, True)
+    assert Task.objects.get(pk=other.pk).running, "another task's unsettled run keeps only that task running"
+
+
+def test_settle_logs_the_finish_by_iterations_and_by_end_running(caplog: pytest.LogCaptureFixture) -> None:
+    counted = make(iterations=1)
+    ending = make(start_running=T0 - timedelta(days=1), end_running=T0 + timedelta(seconds=0.5))
+    dispatch(T0)
+    with caplog.at_level("INFO", logger="sisy_celery.engine"):
+        assert run_to_end(counted, T0, T0 + timedelta(seconds=1))
+        assert dispatch(T0 + timedelta(seconds=1)).runs == []
+        assert run_to_end(ending, T0, T0 + timedelta(seconds=1))
+    assert not Task.objects.filter(pk__in=[counted.pk, ending.pk]).exists()
+    finishes = [message for message in logged(caplog, "INFO") if "finished:" in message]
+    assert finishes == [f"sisy task id={counted.pk} finished: its last iteration ran",
+                        f"sisy task id={ending.pk} finished: its end_running has passed"]
+
+
+def test_end_running_waits_for_every_run_and_only_for_a_passed_end() -> None:
+    task = make(start_running=T0 - timedelta(days=1), end_running=T0 + timedelta(seconds=1.5))
+    early = make(schedule="* * * * *", start_running=T0 - timedelta(days=1), end_running=T0 + timedelta(days=1))
+    dispatch(T0)
+    dispatch(T0 + timedelta(seconds=1))
+    first, second = (start(task, slot, T0 + timedelta(seconds=1)) for slot in (T0, T0 + timedelta(seconds=1)))
+    assert run_to_end(early, T0, T0 + timedelta(seconds=1))
+    assert Task.objects.filter(pk=early.pk).exists(), "end_running has not passed"
+    dispatch(T0 + timedelta(seconds=2))  # the next slot is past the end: nothing claimed
+    assert engine.settle(first, "SUCCESS", "", T0 + timedelta(seconds=3), task)
+    assert Task.objects.filter(pk=task.pk).exists(), "a run is still going"
+    assert engine.settle(second, "SUCCESS", "", T0 + timedelta(seconds=3), task)
+    assert not Task.objects.filter(pk=task.pk).exists()
+
+
+def test_not_started_says_why() -> None:
+    task = make()
+    dispatch(T0)
+    unknown = start(task, T0 + timedelta(seconds=5), T0)
+    assert unknown == engine.NotStarted(engine.UNKNOWN, "no run of this task was dispatched for that slot")
+    started = start(task, T0, T0)
+    assert start(task, T0, T0) == engine.NotStarted(
+        engine.RUNNING, "another attempt of this run is running", lease_until=T0 + timedelta(seconds=300))
+    engine.settle(started, "SUCCESS", "", T0, task)
+    assert start(task, T0, T0) == engine.NotStarted(engine.SETTLED, "the run is already succeeded")
+    dispatch(T0 + timedelta(seconds=1))
+    engine.abandon([task.pk], T0 + timedelta(seconds=1), "cleared by admin")
+    assert start(task, T0 + timedelta(seconds=1), T0 + timedelta(seconds=2)) == engine.NotStarted(
+        engine.SETTLED, "the run is already lost (cleared by admin)")
+
+
+def test_a_run_that_can_never_start_is_revoked_with_the_reason() -> None:
+    solo, off = make(allow_overlap=False), make()
+    dispatch(T0)
+    assert isinstance(start(solo, T0, T0), engine.Started)
+    Run.objects.create(task=solo, slot=T0 + timedelta(seconds=1), state=Run.PUBLISHED, claimed_at=T0)
+    Task.objects.filter(pk=off.pk).update(enabled=False)
+    now = T0 + timedelta(seconds=1)
+    overlap = "another run of this task is running and overlap is off"
+    disabled = "the task is disabled or finished"
+    assert start(solo, T0 + timedelta(seconds=1), now) == engine.NotStarted(engine.OVERLAP, overlap)
+    assert start(off, T0, now) == engine.NotStarted(engine.DISABLED, disabled)
+    revoked = Run.objects.filter(state=Run.REVOKED)
+    assert {(r.task_id, r.error, r.finished_at, r.lease_until) for r in revoked} == {
+        (solo.pk, overlap, now, None), (off.pk, disabled, now, None)}
+
+
+def test_overlap_off_is_held_back_only_by_another_live_started_run_of_the_same_task() -> None:
+    solo, other = make(allow_overlap=False), make(due=T0 - timedelta(seconds=30))
+    dispatch(T0)
+    assert isinstance(start(other, T0 - timedelta(seconds=30), T0), engine.Started), "another task's run"
+    # a second run waiting besides the first, both published with live leases
+    Run.objects.create(task=solo, slot=T0 + timedelta(seconds=1), state=Run.PUBLISHED, claimed_at=T0,
+                       lease_until=T0 + timedelta(seconds=300))
+    assert isinstance(start(solo, T0, T0), engine.Started)
+    # its own copy is a running attempt, not an overlap, and revokes nothing
+    assert start(solo, T0, T0).why == engine.RUNNING
+    assert runs_of(solo)[0] == (T0, Run.STARTED)
+    # the first's worker died (lease lapsed, not yet settled by beat): the waiting run may start
+    assert isinstance(start(solo, T0 + timedelta(seconds=1), T0 + timedelta(seconds=301)), engine.Started)
+
+
+def test_renew_extends_exactly_the_named_started_runs() -> None:
+    task = make()
+    dispatch(T0)
+    dispatch(T0 + timedelta(seconds=1))
+    now = T0 + timedelta(seconds=2)
+    first, second = (start(task, slot, now) for slot in (T0, T0 + timedelta(seconds=1)))
+    assert engine.renew([first], now + timedelta(seconds=10)) == 1
+    assert dict(Run.objects.values_list("slot", "lease_until")) == {
+        T0: now + timedelta(seconds=310), T0 + timedelta(seconds=1): now + timedelta(seconds=300)}
+    assert engine.renew([first, second], now + timedelta(seconds=20)) == 2
+    engine.lapse(now + timedelta(seconds=400), 100)
+    assert engine.renew([first, second], now + timedelta(seconds=401)) == 0
+    assert set(Run.objects.values_list("lease_until", flat=True)) == {None}
+
+
+def test_revoke_records_when_and_why() -> None:
+    task = make()
+    dispatch(T0)
+    assert engine.revoke(task.pk, T0, T0 + timedelta(seconds=3), "expired before it started")
+    run = Run.objects.get(task_id=task.pk)
+    assert (run.state, run.finished_at, run.lease_until, run.error) == (
+        Run.REVOKED, T0 + timedelta(seconds=3), None, "expired before it started")
+    assert not Task.objects.get(pk=task.pk).running
+
+
+def test_abandon_settles_only_the_unsettled_runs_of_the_tasks_named() -> None:
+    task, other = make(), make()
+    dispatch(T0)
+    run_to_end(task, T0, T0)
+    dispatch(T0 + timedelta(seconds=1))
+    start(task, T0 + timedelta(seconds=1), T0 + timedelta(seconds=1))
+    now = T0 + timedelta(seconds=2)
+    assert engine.abandon([task.pk], now, "cleared by admin") == 1
+    rows = {(r.task_id, r.slot): (r.state, r.finished_at, r.lease_until, r.error) for r in Run.objects.all()}
+    assert rows[(task.pk, T0)] == (Run.SUCCEEDED, T0, None, "")
+    assert rows[(task.pk, T0 + timedelta(seconds=1))] == (Run.LOST, now, None, "cleared by admin")
+    assert rows[(other.pk, T0 + timedelta(seconds=1))][0] == Run.PUBLISHED
+
+
+def test_waiting_counts_runs_published_long_ago_and_not_started() -> None:
+    claimed, published, started = (make(schedule="* * * * *") for _ in range(3))
+    batch = engine.claim_due(T0, 100, BEAT)
+    engine.publish([run for run in batch.runs if run.task_id != claimed.pk], StubDispatcher(), T0)
+    start(started, T0, T0 + timedelta(seconds=1))
+    recent = make(due=T0 + timedelta(seconds=5))
+    dispatch(T0 + timedelta(seconds=5))
+    assert runs_of(recent) == [(T0 + timedelta(seconds=5), Run.PUBLISHED)]
+    now = T0 + timedelta(seconds=30)
+    # claimed but not published, or started: no worker is awaited
+    assert [engine.waiting(now, seconds) for seconds in (20, 25, 29, 30)] == [2, 1, 1, 0]
