@@ -328,11 +328,15 @@ def lapse(now: datetime, limit: int, grace: float = 0.0) -> int:
         for state, error in why.items():
             Run.objects.filter(pk__in=[r[0] for r in rows if r[3] == state], state=state, lease_until__lt=cutoff).update(
                 state=Run.LOST, finished_at=now, lease_until=None, error=error)
+        # a run whose lease was renewed (or that settled) since the read is not lost
+        lost = set(Run.objects.filter(pk__in=[r[0] for r in rows], state=Run.LOST, finished_at=now)
+                   .values_list("pk", flat=True))
         sync_running({r[1] for r in rows})
     for pk, task_pk, slot, state, worker in rows:
-        logger.warning("sisy task id=%s: run for slot %s lost: %s%s", task_pk, slot.isoformat(), why[state],
-                       f" ({worker})" if worker else "")
-    return len(rows)
+        if pk in lost:
+            logger.warning("sisy task id=%s: run for slot %s lost: %s%s", task_pk, slot.isoformat(), why[state],
+                           f" ({worker})" if worker else "")
+    return len(lost)
 
 
 def purge(before: datetime, limit: int) -> int:

@@ -818,7 +818,8 @@ def test_lapse_records_when_and_why_and_respects_the_limit(caplog: pytest.LogCap
         assert f"sisy task id={task_pk}: run for slot {slot.isoformat()} lost: {suffix}" in messages
 
 
-def test_a_lease_renewed_while_lapse_decides_keeps_its_run(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_lease_renewed_while_lapse_decides_keeps_its_run(monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
     """lapse reads the lapsed runs, then settles each only if its lease is still lapsed: a worker that
     renews between the read and the write keeps its run."""
     task = make()
@@ -832,7 +833,9 @@ def test_a_lease_renewed_while_lapse_decides_keeps_its_run(monkeypatch: pytest.M
         return atomic()
 
     monkeypatch.setattr(engine, "transaction", SimpleNamespace(atomic=renewed_first))
-    engine.lapse(now, 100)
+    with caplog.at_level("WARNING", logger="sisy_celery.engine"):
+        assert engine.lapse(now, 100) == 0, "the renewed run is not counted as lost"
+    assert caplog.records == [], "nor logged as lost"
     run = Run.objects.get(task_id=task.pk)
     assert (run.state, run.lease_until) == (Run.STARTED, now + timedelta(seconds=300))
     assert Task.objects.get(pk=task.pk).running
