@@ -181,7 +181,8 @@ class Scheduler(beat.Scheduler):
         claimed, so an outage ends in one late run per task rather than a backlog.
         """
         if self._unsent:
-            self.publish(self._unsent, now)
+            unsent, self._unsent = self._unsent, []
+            self.publish(unsent, now)
         limit = conf.beat_batch_size()
         batch = engine.claim_due(now, limit, self.ident)
         self.publish(batch.runs, now)
@@ -189,21 +190,22 @@ class Scheduler(beat.Scheduler):
 
     def publish(self, runs: list[Any], now: datetime) -> None:
         """Publish claimed runs in groups (the ``apply_entry`` of database tasks); each group is
-        marked published as soon as it is out. If the broker fails, the runs not marked are kept
-        to be published again before anything new is claimed."""
+        marked published as soon as it is out. If the broker fails, the runs not marked are added
+        to those kept to be published again before anything new is claimed (publishing other
+        runs, such as upkeep's, never drops them)."""
         for start in range(0, len(runs), self.publish_group):
             group = runs[start:start + self.publish_group]
             try:
                 engine.publish(group, self.dispatcher, now)
             except BrokerUnavailable:
-                self._unsent = runs[start:]
+                kept = {run.pk for run in self._unsent}
+                self._unsent += [run for run in runs[start:] if run.pk not in kept]
                 raise
             for run in group:
                 logger.debug("sisy task id=%s label=%r sent for slot %s (id %s)",
                              run.task_id, run.task.label, run.slot.isoformat(), run.celery_id)
         if runs:
             logger.info("sisy beat %s: published %d run(s)", self.ident, len(runs))
-        self._unsent = []
 
     @property
     def dispatcher(self) -> Dispatcher:

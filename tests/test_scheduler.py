@@ -83,14 +83,20 @@ def test_an_idle_tick_is_one_query() -> None:
     assert len(queries.captured_queries) == 1 and wait == 1.0
 
 
-def test_a_broker_outage_ends_in_one_late_run_not_a_backlog() -> None:
+@pytest.mark.parametrize("upkeep", [False, True])
+def test_a_broker_outage_ends_in_one_late_run_not_a_backlog(upkeep: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """With upkeep on every tick too: its publish (of no run left claimed by a dead beat) must not
+    drop the runs kept for the broker's return."""
     clock, down = Clock(T0), StubDispatcher(down_at=0)
     task = every_second()
     beat = scheduler(clock, down)
     waits = []
     for _ in range(5):  # five ticks, a second apart, with the broker down
+        if upkeep:
+            beat._upkeep_at = 0.0
         waits.append(beat.tick_database())
         clock.advance(1)
+    assert "dispatching resumed" not in caplog.text, "nothing was published while the broker was down"
     assert all(wait > 0 for wait in waits) and waits[1] > waits[0], "beat backs off"
     # nothing new was claimed while the first run could not be published
     assert list(Run.objects.values_list("slot", "state")) == [(T0, Run.CLAIMED)]
