@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from sisy_celery import admin as sisy_admin, schedules
 from sisy_celery.models import HAS_NOT_RUN, Task, task_with_callable
 from sisy_celery.schedules import (
-    describe_fields, describe_interval, interval, is_interval, next_run, schedule_warnings, validate,
+    day_rule, describe_fields, describe_interval, interval, is_interval, next_run, schedule_warnings, validate,
 )
 from tests.test_admin import form_data
 from tests.testapp import jobs
@@ -872,3 +872,132 @@ def test_after_with_a_tzinfo_but_no_offset_is_refused() -> None:
 def test_stepped_hour_without_a_star_runs_in_both_copies(schedule: str) -> None:
     after = local(NY, 2026, 11, 1, 0, 30)
     assert walls(chain(schedule, after, NY, 3), NY) == ["11-01 01:00 -0400", "11-01 01:00 -0500", "11-01 02:00 -0500"]
+
+
+def test_interval_anchor_with_a_tzinfo_but_no_offset_is_refused() -> None:
+    with pytest.raises(ValueError, match="aware datetime for 'anchor'"):
+        next_run("every 5m", datetime(2026, 1, 1, tzinfo=UTC), anchor=datetime(2026, 1, 1, tzinfo=NoOffset()))
+
+
+# -- the exact warning text -----------------------------------------------------------------------
+
+
+def test_star_step_warning_offers_the_every_forms() -> None:
+    assert schedule_warnings("*/5 * * * * *") == [
+        "'*/5 * * * * *' runs every second of the minutes '*/5': the seconds field comes last. "
+        "For seconds '*/5' write '* * * * * */5' (or every 5s); "
+        "for one run in each of those minutes, '*/5 * * * *' (or every 5m)."
+    ]
+
+
+@pytest.mark.parametrize("schedule, minutes", [("10-40/15 * * * * *", "10-40/15"), ("7/20 */2 * * * *", "7/20")])
+def test_range_step_warning_has_no_every_form(schedule: str, minutes: str) -> None:
+    rest = " ".join(schedule.split()[1:5])
+    assert schedule_warnings(schedule) == [
+        f"{schedule!r} runs every second of the minutes {minutes!r}: the seconds field comes last. "
+        f"For seconds {minutes!r} write '* * * * * {minutes}'; "
+        f"for one run in each of those minutes, '{minutes} {rest}'."
+    ]
+
+
+def test_star_step_warning_with_a_stepped_hour_names_the_minute_step() -> None:
+    (warning,) = schedule_warnings("*/10 */3 * * * *")
+    assert warning.endswith("For seconds '*/10' write '* * * * * */10' (or every 10s); "
+                            "for one run in each of those minutes, '*/10 */3 * * *' (or every 10m).")
+
+
+# -- equal ranges, names in any case ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule, field, shown", [
+    ("5-5,7 * * * *", "minute", "5,7"),
+    ("1,9-9,20-30 * * * *", "minute", "1,9,20-30"),
+    ("0 0 * jan-JAN *", "month", "jan"),
+    ("0 0 * Mar-3 *", "month", "Mar"),
+    ("0 0 * * MON-mon", "day of week", "MON"),
+    ("0 0 * * 1-Mon", "day of week", "1"),
+    ("0 0 * 1-01 *", "month", "1"),
+])
+def test_equal_ranges_become_their_value(schedule: str, field: str, shown: str) -> None:
+    assert describe_fields(schedule)[field] == shown
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("0 0 1 JAN *", "2027-01-01 00:00"),
+    ("0 0 1 jan-JAN *", "2027-01-01 00:00"),
+    ("0 0 1 Jan-jan/2 *", "2027-01-01 00:00"),
+    ("0 0 * * SAT", "2026-03-07 00:00"),
+    ("0 0 * * sat-SAT", "2026-03-07 00:00"),
+    ("0 0 * * Fri-fri", "2026-03-06 00:00"),
+])
+def test_month_and_weekday_names_in_any_case(schedule: str, expected: str) -> None:
+    after = datetime(2026, 3, 5, 12, 0, tzinfo=UTC)  # a Thursday
+    assert next_run(schedule, after, "UTC").strftime("%Y-%m-%d %H:%M") == expected
+
+
+@pytest.mark.parametrize("schedule", ["jan-jan * * * *", "0 mon-mon * * *", "0 0 sun-sun * *"])
+def test_names_outside_month_and_weekday_fields_are_refused(schedule: str) -> None:
+    with pytest.raises(ValueError, match="is not valid"):
+        validate(schedule)
+
+
+# -- the day-of-month / day-of-week rule --------------------------------------------------------------
+
+
+def daily(schedule: str, count: int, after: datetime = datetime(2026, 3, 5, 12, 0, tzinfo=UTC)) -> list[str]:
+    days = []
+    for _ in range(count):
+        after = next_run(schedule, after, "UTC")
+        days.append(after.strftime("%a %m-%d"))
+    return days
+
+
+@pytest.mark.parametrize("schedule", ["0 0 ? * mon", "0 0 ? * 1", "0 0 ? * MON"])
+def test_question_mark_day_of_month_ands_like_a_star(schedule: str) -> None:
+    assert daily(schedule, 3) == ["Mon 03-09", "Mon 03-16", "Mon 03-23"]
+
+
+def test_question_mark_day_of_week_ands_like_a_star() -> None:
+    assert daily("0 0 1 * ?", 3) == ["Wed 04-01", "Fri 05-01", "Mon 06-01"]
+
+
+EVERY_DAY = ["Fri 03-06", "Sat 03-07", "Sun 03-08", "Mon 03-09", "Tue 03-10", "Wed 03-11", "Thu 03-12",
+             "Fri 03-13", "Sat 03-14"]
+
+
+@pytest.mark.parametrize("schedule", [
+    "0 0 1 * sun-sat", "0 0 1 * 0-6", "0 0 1 * 1-7", "0 0 1 * 0-7", "0 0 1 * mon-sun", "0 0 1 * 1-5,6-7",
+    "0 0 20 * 0,1,2,3,4,5,6", "0 0 20 * 1,2,3,4,5,6,7",
+    "0 0 1-31 * mon", "0 0 1-15,16-31 * mon", "0 0 1-31 * 1-3", "0 0 1-31/1 * wed",
+])
+def test_ored_with_a_field_naming_every_day_runs_every_day(schedule: str) -> None:
+    assert day_rule(schedule) == "or"
+    assert daily(schedule, 9) == EVERY_DAY
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    # day 0 is no day of the month: 1-30 misses the 31st, a Tuesday
+    ("0 0 1-30 * mon", ["Fri 03-27", "Sat 03-28", "Sun 03-29", "Mon 03-30", "Wed 04-01", "Thu 04-02"]),
+    # 2-31 misses the 1st, a Wednesday
+    ("0 0 2-31 * mon", ["Fri 03-27", "Sat 03-28", "Sun 03-29", "Mon 03-30", "Tue 03-31", "Thu 04-02"]),
+    # six weekdays are not a week: the 1st and those days
+    ("0 0 1 * 0-5", ["Fri 03-27", "Sun 03-29", "Mon 03-30", "Tue 03-31", "Wed 04-01", "Thu 04-02"]),
+    ("0 0 1 * 1-6", ["Fri 03-27", "Sat 03-28", "Mon 03-30", "Tue 03-31", "Wed 04-01", "Thu 04-02"]),
+])
+def test_ored_with_fields_short_of_every_day_keeps_both(schedule: str, expected: list[str]) -> None:
+    assert day_rule(schedule) == "or"
+    assert daily(schedule, 6, datetime(2026, 3, 26, 12, 0, tzinfo=UTC)) == expected
+
+
+@pytest.mark.parametrize("schedule, rule", [
+    ("0 0 1 * sun-sat", "or"), ("0 0 1-31 * mon", "or"), ("0 0 ? * mon", None), ("0 0 1 * ?", None),
+    ("0 0 */2 * 1", "and"), ("0 0 1 * */2", "and"), ("0 0 1 * *", None), ("0 0 * * 1", None),
+    ("0 0 * 1 1", None), ("0 0 1 1 *", None), ("0 0 1 * 1", "or"),
+])
+def test_day_rule_names_the_rule(schedule: str, rule: str | None) -> None:
+    assert day_rule(schedule) == rule
+
+
+def test_parsed_cron_keeps_its_expression() -> None:
+    assert schedules._parse("0 0 1 * sun-sat").expression == "0 0 1 * sun-sat"
+    assert schedules._parse("@daily").expression == "@daily"
