@@ -1001,3 +1001,15 @@ def test_day_rule_names_the_rule(schedule: str, rule: str | None) -> None:
 def test_parsed_cron_keeps_its_expression() -> None:
     assert schedules._parse("0 0 1 * sun-sat").expression == "0 0 1 * sun-sat"
     assert schedules._parse("@daily").expression == "@daily"
+
+
+@pytest.mark.parametrize("schedule, every_day", [
+    ("0 0 1 * sun-sat", True), ("0 0 1 * 0-6", True), ("0 0 1 * 1-7", True), ("0 0 1 * 0,1,2,3,4,5,6", True),
+    ("0 0 1-31 * mon", True), ("0 0 1-15,16-31 * 1-3", True), ("0 0 ? * mon", True), ("0 0 1 * ?", True),
+    ("0 0 1-30 * mon", False), ("0 0 2-31 * mon", False), ("0 0 1 * 0-5", False), ("0 0 1 * 1-6", False),
+    ("0 0 13 * 5", False),
+])
+def test_a_day_field_naming_every_day_is_recognised(schedule: str, every_day: bool) -> None:
+    # croniter 7 ORs such fields right by itself; older croniter (which the project accepts) reads a
+    # whole-week field as '*' and keeps the other field alone, so Cron writes both as '*'.
+    assert schedules._covers_every_day(schedule.split()) is every_day
