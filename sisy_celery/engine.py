@@ -34,9 +34,9 @@ from django.db import connection, transaction
 from django.db.models import Count, Exists, F, OuterRef, Q, Value
 from django.db.models.functions import Greatest
 
-from . import conf
+from . import conf, schedules
 from .dispatch import Dispatcher, Outgoing
-from .models import FAR_FUTURE, Run, Task, run_celery_id
+from .models import FAR_FUTURE, Run, Task, result_tag, run_celery_id
 
 logger = logging.getLogger("sisy_celery.engine")
 
@@ -63,18 +63,66 @@ def _short(text: str) -> str:
 # -- beat: claim ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Due:
+    """A due task row as beat's claim reads it: the columns that decide its slot and make its
+    message, as plain values (a burst reads thousands of rows; model instances cost more than
+    everything else the claim does)."""
+
+    pk: int
+    label: str
+    schedule: str
+    timezone: str
+    start_running: datetime
+    end_running: datetime
+    iterations: int
+    allow_overlap: bool
+    next_run: datetime
+    _func_info: dict
+    _extra_data: dict
+    queue: str
+    priority: int | None
+    expires: int | None
+
+    def following_run(self, after: datetime) -> datetime:
+        """As ``Task.following_run``."""
+        return schedules.next_run(self.schedule, after, conf.get_zone(self.timezone or None),
+                                  anchor=self.start_running)
+
+    @property
+    def result_tag(self) -> str:
+        return result_tag(self.pk)
+
+
+#: The columns of a Due, in order.
+DUE_COLUMNS = tuple(Due.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A run beat claimed and publishes: its ledger row's key, its slot and its task's row."""
+
+    pk: int
+    task: Due
+    slot: datetime
+
+    @property
+    def task_id(self) -> int:
+        return self.task.pk
+
+
 @dataclass
 class Decision:
     """What to do with one due task row: send its slot, skip it, finish the task, or flag it."""
 
-    task: Task
+    task: Task | Due
     slot: datetime
     action: str
     next_run: datetime | None = None
     problem: str = ""
 
 
-def plan(task: Task, now: datetime, unsettled: int = 0) -> Decision:
+def plan(task: Task | Due, now: datetime, unsettled: int = 0) -> Decision:
     """Decide from the row and its number of unsettled runs.
 
     Missed slots are coalesced: the next run is the first slot after now. Overlap off waits
@@ -92,7 +140,7 @@ def plan(task: Task, now: datetime, unsettled: int = 0) -> Decision:
                     next_run=following)
 
 
-def busy(task: Task, unsettled: int) -> bool:
+def busy(task: Task | Due, unsettled: int) -> bool:
     """No new run while overlap is off and one is unsettled, or while the unsettled runs use up the
     iterations left."""
     return (not task.allow_overlap and unsettled > 0) or 0 < task.iterations <= unsettled
@@ -109,7 +157,7 @@ def unsettled_counts(task_pks: Iterable[Any]) -> dict[Any, int]:
 class Batch:
     """One claiming transaction: the runs to publish and the number of due rows it read."""
 
-    runs: list[Run]
+    runs: list[Claimed]
     decisions: list[Decision]
     examined: int
 
@@ -127,7 +175,7 @@ def claim_due(now: datetime, limit: int, beat: str) -> Batch:
         rows = Task.objects.due(now)
         if locking:
             rows = rows.select_for_update(skip_locked=True)
-        tasks = list(rows[:limit])
+        tasks = [Due(*row) for row in rows.values_list(*DUE_COLUMNS)[:limit]]
         counts = unsettled_counts(task.pk for task in tasks)
         decisions = [plan(task, now, counts.get(task.pk, 0)) for task in tasks]
         won = _write_locked(decisions) if locking else _write_conditional(decisions)
@@ -137,15 +185,16 @@ def claim_due(now: datetime, limit: int, beat: str) -> Batch:
     return Batch(runs, won, len(tasks))
 
 
-def _insert_claimed(sends: list[Decision], beat: str, now: datetime) -> list[Run]:
+def _insert_claimed(sends: list[Decision], beat: str, now: datetime) -> list[Claimed]:
     """Insert the claimed runs of a batch. PostgreSQL takes the rows as two arrays in one small
     statement (Django's bulk_create binds every value of every row, which costs a burst more
     than the insert itself); other databases use bulk_create."""
-    if connection.vendor != "postgresql":
-        return Run.objects.bulk_create(
-            [Run(task=d.task, slot=d.slot, state=Run.CLAIMED, beat=beat, claimed_at=now) for d in sends])
     if not sends:
         return []
+    if connection.vendor != "postgresql":
+        runs = Run.objects.bulk_create(
+            [Run(task_id=d.task.pk, slot=d.slot, state=Run.CLAIMED, beat=beat, claimed_at=now) for d in sends])
+        return [Claimed(run.pk, d.task, d.slot) for run, d in zip(runs, sends)]
     table = connection.ops.quote_name(Run._meta.db_table)
     with connection.cursor() as cursor:
         cursor.execute(
@@ -154,14 +203,7 @@ def _insert_claimed(sends: list[Decision], beat: str, now: datetime) -> list[Run
             "FROM unnest(%s::bigint[], %s::timestamptz[]) AS claimed (task_id, slot) RETURNING task_id, id",
             [Run.CLAIMED, beat, now, [d.task.pk for d in sends], [d.slot for d in sends]])
         ids = dict(cursor.fetchall())
-    runs = []
-    for decision in sends:
-        # the row as inserted, built the way Django builds a loaded row (positional, in field order)
-        run = Run.from_db(connection.alias, None, (ids[decision.task.pk], decision.task.pk, decision.slot,
-                                                   Run.CLAIMED, 0, beat, "", now, None, None, None, None, ""))
-        Run.task.field.set_cached_value(run, decision.task)
-        runs.append(run)
-    return runs
+    return [Claimed(ids[d.task.pk], d.task, d.slot) for d in sends]
 
 
 def _task_values(decision: Decision) -> dict[str, Any]:
@@ -233,7 +275,7 @@ def claim_now(task: Task, now: datetime, by: str) -> Run:
 # -- beat: publish --------------------------------------------------------------------------
 
 
-def message(run: Run) -> Outgoing:
+def message(run: Run | Claimed) -> Outgoing:
     """The ``sisy.run_callable`` message of ``run`` (its task attached)."""
     task = run.task
     return Outgoing(
@@ -247,7 +289,7 @@ def message(run: Run) -> Outgoing:
     )
 
 
-def publish(runs: Sequence[Run], dispatcher: Dispatcher, now: datetime) -> int:
+def publish(runs: Sequence[Run | Claimed], dispatcher: Dispatcher, now: datetime) -> int:
     """Publish ``runs`` (claimed, committed) and mark what went out; return how many did.
 
     A message the broker refuses on its own (its queue, routing or size) parks that task
@@ -269,7 +311,7 @@ def publish(runs: Sequence[Run], dispatcher: Dispatcher, now: datetime) -> int:
     return len(sent)
 
 
-def park(run: Run, reason: str, now: datetime) -> None:
+def park(run: Run | Claimed, reason: str, now: datetime) -> None:
     """The broker refused the message of ``run``: that run is lost and its task flagged and stopped
     (every other task keeps its slots). Saving the task again (e.g. with a valid queue) resumes it."""
     task = run.task

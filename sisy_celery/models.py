@@ -281,8 +281,7 @@ class Task(models.Model):
 
     @property
     def result_tag(self) -> str:
-        """The ``periodic_task_name`` this task's results carry in django-celery-results."""
-        return f"sisy:{self.pk}"
+        return result_tag(self.pk)
 
     # -- scheduling ---------------------------------------------------------------------
 
@@ -465,6 +464,11 @@ class BeatProcess(models.Model):
 #: Namespace of the Celery task ids of runs: the id is a function of (task, slot) alone, so a message,
 #: every copy or re-publish of it and its django-celery-results row share one id.
 RUN_ID_NAMESPACE = uuid.UUID("6f1c7a52-3c1e-4f0e-9a59-5b0f2a7f3d10")
+
+
+def result_tag(task_pk: Any) -> str:
+    """The ``periodic_task_name`` the results of task ``task_pk`` carry in django-celery-results."""
+    return f"sisy:{task_pk}"
 
 
 def run_celery_id(task_pk: Any, slot: datetime) -> str:

@@ -27,6 +27,7 @@ from django.utils import timezone
 
 from . import conf, engine
 from .dispatch import BrokerUnavailable, Dispatcher
+from .models import run_celery_id
 
 logger = logging.getLogger("sisy_celery.beat")
 
@@ -201,9 +202,10 @@ class Scheduler(beat.Scheduler):
                 kept = {run.pk for run in self._unsent}
                 self._unsent += [run for run in runs[start:] if run.pk not in kept]
                 raise
-            for run in group:
-                logger.debug("sisy task id=%s label=%r sent for slot %s (id %s)",
-                             run.task_id, run.task.label, run.slot.isoformat(), run.celery_id)
+            if logger.isEnabledFor(logging.DEBUG):
+                for run in group:
+                    logger.debug("sisy task id=%s label=%r sent for slot %s (id %s)", run.task_id, run.task.label,
+                                 run.slot.isoformat(), run_celery_id(run.task_id, run.slot))
         if runs:
             logger.info("sisy beat %s: published %d run(s)", self.ident, len(runs))
 

@@ -679,7 +679,7 @@ def test_a_beat_whose_read_is_overtaken_by_another_claim_wins_nothing(monkeypatc
     monkeypatch.setattr(engine, "unsettled_counts", other_beat_first)
     batch = engine.claim_due(T0, 100, BEAT)
     assert (batch.examined, batch.runs, batch.decisions) == (1, [], [])
-    assert [run.beat for run in overtaken[0].runs] == ["beat-b:2"]
+    assert [Run.objects.get(pk=run.pk).beat for run in overtaken[0].runs] == ["beat-b:2"]
     assert runs_of(task) == [(T0, Run.CLAIMED)]
     assert Task.objects.get(pk=task.pk).next_run == T0 + timedelta(seconds=1)
 
