@@ -31,7 +31,8 @@ from datetime import datetime, timedelta
 from typing import Any, Iterable, Sequence
 
 from django.db import connection, transaction
-from django.db.models import Count, Exists, F, OuterRef, Q, Value
+from django.db.models import BigIntegerField, Count, Exists, F, Func, OuterRef, Q, Subquery, Value
+from django.db.models.expressions import RawSQL
 from django.db.models.functions import Greatest
 
 from . import conf, schedules
@@ -146,6 +147,14 @@ def busy(task: Task | Due, unsettled: int) -> bool:
     return (not task.allow_overlap and unsettled > 0) or 0 < task.iterations <= unsettled
 
 
+def _pks(pks: list[Any]) -> Any:
+    """The right side of a ``pk__in`` filter: on PostgreSQL one array parameter (a burst's lists
+    are a thousand ids, which Django would bind and the driver splice in one by one)."""
+    if connection.vendor == "postgresql" and len(pks) > 1:
+        return RawSQL("SELECT unnest(%s::bigint[])", [pks], output_field=BigIntegerField())
+    return pks
+
+
 def unsettled_counts(task_pks: Iterable[Any]) -> dict[Any, int]:
     """``{task pk: unsettled runs}`` for the tasks that have any."""
     rows = (Run.objects.filter(task_id__in=list(task_pks), state__in=Run.UNSETTLED)
@@ -175,14 +184,16 @@ def claim_due(now: datetime, limit: int, beat: str) -> Batch:
         rows = Task.objects.due(now)
         if locking:
             rows = rows.select_for_update(skip_locked=True)
-        tasks = [Due(*row) for row in rows.values_list(*DUE_COLUMNS)[:limit]]
-        counts = unsettled_counts(task.pk for task in tasks)
-        decisions = [plan(task, now, counts.get(task.pk, 0)) for task in tasks]
+        # each row with its number of unsettled runs (a correlated count on the run index)
+        unsettled = Run.objects.filter(task_id=OuterRef("pk"), state__in=Run.UNSETTLED).order_by().annotate(
+            n=Func(F("pk"), function="COUNT")).values("n")
+        read = rows.annotate(unsettled=Subquery(unsettled)).values_list(*DUE_COLUMNS, "unsettled")[:limit]
+        decisions = [plan(Due(*columns), now, count) for *columns, count in read]
         won = _write_locked(decisions) if locking else _write_conditional(decisions)
         runs = _insert_claimed([d for d in won if d.action == SEND], beat, now)
     for decision in won:
         _log_decision(decision)
-    return Batch(runs, won, len(tasks))
+    return Batch(runs, won, len(decisions))
 
 
 def _insert_claimed(sends: list[Decision], beat: str, now: datetime) -> list[Claimed]:
@@ -223,7 +234,7 @@ def _write_locked(decisions: list[Decision]) -> list[Decision]:
         if decision.action != FINISH:
             groups.setdefault(tuple(sorted(_task_values(decision).items())), []).append(decision.task.pk)
     for values, pks in groups.items():
-        Task.objects.filter(pk__in=pks).update(**dict(values))
+        Task.objects.filter(pk__in=_pks(pks)).update(**dict(values))
     finished = [d.task.pk for d in decisions if d.action == FINISH]
     if finished:
         Task.objects.filter(pk__in=finished).finish()
@@ -303,7 +314,7 @@ def publish(runs: Sequence[Run | Claimed], dispatcher: Dispatcher, now: datetime
     reasons = {outgoing.key: reason for outgoing, reason in refused}
     sent = [run.pk for run in runs if run.pk not in reasons]
     if sent:
-        Run.objects.filter(pk__in=sent, state=Run.CLAIMED).update(
+        Run.objects.filter(pk__in=_pks(sent), state=Run.CLAIMED).update(
             state=Run.PUBLISHED, published_at=now, lease_until=_lease(now))
     for run in runs:
         if run.pk in reasons:

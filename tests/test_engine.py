@@ -667,16 +667,16 @@ def test_a_beat_whose_read_is_overtaken_by_another_claim_wins_nothing(monkeypatc
     path is taken on every database here, PostgreSQL included, where SKIP LOCKED would be used.)"""
     monkeypatch.setattr(connection.features, "has_select_for_update_skip_locked", False)
     task = make()
-    counts = engine.unsettled_counts
+    plan = engine.plan
     overtaken: list[engine.Batch] = []
 
-    def other_beat_first(task_pks: Any) -> dict[Any, int]:
+    def other_beat_first(*args: Any) -> engine.Decision:
         """Beat B claims the rows beat A has just read, before A decides."""
-        monkeypatch.setattr(engine, "unsettled_counts", counts)
+        monkeypatch.setattr(engine, "plan", plan)
         overtaken.append(engine.claim_due(T0, 100, "beat-b:2"))
-        return counts(task_pks)
+        return plan(*args)
 
-    monkeypatch.setattr(engine, "unsettled_counts", other_beat_first)
+    monkeypatch.setattr(engine, "plan", other_beat_first)
     batch = engine.claim_due(T0, 100, BEAT)
     assert (batch.examined, batch.runs, batch.decisions) == (1, [], [])
     assert [Run.objects.get(pk=run.pk).beat for run in overtaken[0].runs] == ["beat-b:2"]
