@@ -143,13 +143,14 @@ def burst_stats(published: list[tuple[float, float, object]], boundary: float, e
 # -- sisy_celery ------------------------------------------------------------------------
 
 def fake_clock_scheduler(clock: FakeClock):
-    """Scheduler subclass on the fake clock, recording (time, slot, task id) of every publish.
+    """Scheduler subclass on the fake clock, recording (time, slot, task id) of every publish group.
 
     ``django.utils.timezone.now`` is shifted too, so ``Task.save()`` in this process (the
     "edit" below) lives on the same clock as beat, as a web process would.
     """
     from django.utils import timezone
 
+    from sisy_celery import engine
     from sisy_celery.scheduler import Scheduler
 
     real_now = timezone.now
@@ -165,11 +166,16 @@ def fake_clock_scheduler(clock: FakeClock):
         def now(self) -> datetime:
             return now()
 
-        def publish(self, runs, now):
-            super().publish(runs, now)
-            at = clock.ts()
-            self.published.extend((at, run.slot.timestamp(), run.task_id) for run in runs)
+    publish_group = engine.publish
 
+    def recorded(runs, dispatcher, at):
+        """Each publish group is recorded when it is out and marked (a claimed batch is several groups)."""
+        sent = publish_group(runs, dispatcher, at)
+        out = clock.ts()
+        BenchScheduler.published.extend((out, run.slot.timestamp(), run.task_id) for run in runs)
+        return sent
+
+    engine.publish = recorded
     return BenchScheduler
 
 
