@@ -84,6 +84,9 @@ class Scheduler(beat.Scheduler):
     lapse_grace = 5.0
     #: Most runs one message group publishes (one pipelined round trip where the broker allows it).
     publish_group = 500
+    #: Most due rows the first claim of a burst takes (later claims take SISY_BEAT_BATCH_SIZE): its
+    #: messages go out while the rest of the burst is still to be claimed.
+    first_claim = 250
     #: Seconds to wait when due rows are locked by another beat's claim.
     locked_pause = 0.05
 
@@ -103,6 +106,8 @@ class Scheduler(beat.Scheduler):
         self._dispatcher: Dispatcher | None = None
         #: claimed runs whose publish failed, published again before anything new is claimed
         self._unsent: list[Any] = []
+        #: the last claim found more due rows than it took
+        self._bursting = False
         super().__init__(*args, **kwargs)
 
     # -- clock and hooks ---------------------------------------------------------------
@@ -185,9 +190,12 @@ class Scheduler(beat.Scheduler):
             unsent, self._unsent = self._unsent, []
             self.publish(unsent, now)
         limit = conf.beat_batch_size()
+        if not self._bursting:
+            limit = min(limit, self.first_claim)
         batch = engine.claim_due(now, limit, self.ident)
         self.publish(batch.runs, now)
-        return batch.examined >= limit
+        self._bursting = batch.examined >= limit
+        return self._bursting
 
     def publish(self, runs: list[Any], now: datetime) -> None:
         """Publish claimed runs in groups (the ``apply_entry`` of database tasks); each group is

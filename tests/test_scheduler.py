@@ -83,6 +83,34 @@ def test_an_idle_tick_is_one_query() -> None:
     assert len(queries.captured_queries) == 1 and wait == 1.0
 
 
+def test_a_burst_is_claimed_small_first_then_in_full_batches(monkeypatch: pytest.MonkeyPatch,
+                                                             settings: Any) -> None:
+    """The first claim of a burst takes ``first_claim`` rows, so its messages go out before the rest
+    is claimed; the next claims take SISY_BEAT_BATCH_SIZE rows, until a claim finds no more."""
+    settings.SISY_BEAT_BATCH_SIZE = 3
+    for _ in range(7):
+        every_second()
+    claims = []
+    claim_due = engine.claim_due
+
+    def counted(now: datetime, limit: int, beat: str) -> engine.Batch:
+        batch = claim_due(now, limit, beat)
+        claims.append((limit, len(batch.runs)))
+        return batch
+
+    monkeypatch.setattr(engine, "claim_due", counted)
+    stub = StubDispatcher()
+    beat = scheduler(Clock(T0), stub)
+    beat.first_claim = 2
+    waits = [beat.tick_database() for _ in range(4)]
+    assert claims == [(2, 2), (3, 3), (3, 2)]
+    assert waits[:2] == [0.0, 0.0] and waits[2] > 0, "beat ticks again at once while a claim was full"
+    assert len(stub.sent) == 7
+    beat.clock.advance(1)
+    beat.tick_database()
+    assert claims[3:] == [(2, 2)], "the next burst starts small again"
+
+
 @pytest.mark.parametrize("upkeep", [False, True])
 def test_a_broker_outage_ends_in_one_late_run_not_a_backlog(upkeep: bool, caplog: pytest.LogCaptureFixture) -> None:
     """With upkeep on every tick too: its publish (of no run left claimed by a dead beat) must not

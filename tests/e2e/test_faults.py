@@ -351,9 +351,10 @@ def test_beat_killed_at_random_instants_during_bursts(make_stack: Any, summary: 
         for n in range(KILLS):
             first, last = first_pk + n * BURST, first_pk + (n + 1) * BURST - 1
             before = queue.llen("celery")
-            # A target within the first publish group of a claimed batch: the batch's next group is
-            # still to be sent and marked when the cut lands.
-            target = rng.randrange(0, BURST, BURST_BATCH) + rng.randrange(1, group)
+            # A target within the first publish group of a claimed batch that has more than one: the
+            # batch's next group is still to be sent and marked when the cut lands. (The first claim
+            # of a burst takes Scheduler.first_claim rows, the next ones BURST_BATCH rows each.)
+            target = rng.randrange(Scheduler.first_claim, BURST, BURST_BATCH) + rng.randrange(1, group)
             due = whole_second(now())
             stack.query("UPDATE sisy_celery_task SET start_running = %s, next_run = %s WHERE id BETWEEN %s AND %s",
                         (due, due, first, last))
