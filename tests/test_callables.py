@@ -624,6 +624,26 @@ def test_signature_with_further_positional_parameters_is_refused(thing, kwargs):
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("form, thing, pk", [
+    ("function", jobs.two_params, False),
+    ("function path", f"{JOBS}.two_params", False),
+    ("static method", jobs.Holder.static_two_params, False),
+    ("static method path", f"{JOBS}.Holder.static_two_params", False),
+    ("class method", jobs.Holder.class_two_params, False),
+    ("class method path", f"{JOBS}.Holder.class_two_params", False),
+    ("bound model method", "two_args", False),
+    ("model method path with pk_override", f"{MODELS}.Widget.two_args", True),
+    ("model method with pk_override", Widget.two_args, True),
+])
+def test_every_callable_form_is_refused_unless_it_takes_message_or_nothing(form, thing, pk):
+    widget = Widget.objects.create(name="w")
+    if form == "bound model method":
+        thing = getattr(widget, thing)
+    shown = "(message, extra)" if "model" in form else "(message, other)"
+    refused(thing, f"has the signature {shown}; {SIGNATURE}", **({"pk_override": widget.pk} if pk else {}))
+
+
+@pytest.mark.django_db
 def test_signature_of_a_bound_model_method_is_checked():
     widget = Widget.objects.create(name="w")
     refused(widget.delete, "has the signature (using=None, keep_parents=False); " + SIGNATURE)
