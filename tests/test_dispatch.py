@@ -411,3 +411,22 @@ def test_other_transports_publish_through_kombu(url: str, tmp_path: Any) -> None
     for key in set(ours.properties) | set(theirs.properties):
         if ours.properties.get(key) != theirs.properties.get(key):
             assert extra[key](ours.properties[key], theirs.properties[key]), key
+
+
+def test_messages_are_json_and_a_worker_accepts_nothing_else_by_default() -> None:
+    """docs/security.md: beat's messages are JSON, and a worker with Celery's defaults (as the
+    example project and the tests run) refuses pickle, so a forged message cannot bring objects."""
+    from tests.celery_app import app as project_app
+
+    assert (project_app.conf.task_serializer, set(project_app.conf.accept_content)) == ("json", {"json"})
+    app = make_app("memory://")
+    queue = f"json-{secrets.token_hex(4)}"
+    dispatcher = Dispatcher(app)
+    assert dispatcher.publish([Outgoing("id-json", args_for(7, datetime.now(UTC)), {}, queue=queue)]) == []
+    dispatcher.close()
+    with app.connection_for_read() as conn:
+        simple = conn.SimpleQueue(queue, no_ack=True)
+        message = simple.get(timeout=5)
+        simple.close()
+    assert message.content_type == "application/json"
+    assert json.loads(message.body)[0][:2] == [7, FUNC_INFO]
