@@ -392,8 +392,12 @@ def test_amqp_lost_connection_raises_then_reconnects(amqp_url: str) -> None:
 def test_other_transports_publish_through_kombu(url: str, tmp_path: Any) -> None:
     """Any other transport gets kombu's Producer.publish per message: same message as send_task."""
     folder = str(tmp_path)
-    app = make_app(url, broker_transport_options={"data_folder_in": folder, "data_folder_out": folder,
-                                                  "processed_folder": folder, "control_folder": folder})
+    # A queue of its own: memory:// is shared by the process, and other tests' "run now" leave
+    # messages in the project's default queue.
+    queue_name = f"other-{secrets.token_hex(4)}"
+    app = make_app(url, task_default_queue=queue_name,
+                   broker_transport_options={"data_folder_in": folder, "data_folder_out": folder,
+                                             "processed_folder": folder, "control_folder": folder})
     slot = datetime.now(UTC)
     outgoing = Outgoing("id-9", args_for(9, slot), {"periodic_task_name": "sisy:9"}, priority=5,
                         expires=slot + timedelta(minutes=5))
@@ -402,7 +406,7 @@ def test_other_transports_publish_through_kombu(url: str, tmp_path: Any) -> None
     assert dispatcher.publish([outgoing]) == []
     dispatcher.close()
     with app.connection_for_read() as conn:
-        queue = conn.SimpleQueue("celery", no_ack=True)
+        queue = conn.SimpleQueue(queue_name, no_ack=True)
         theirs, ours = queue.get(timeout=5), queue.get(timeout=5)
         queue.close()
     for field in ("headers", "content_type", "content_encoding", "payload"):
