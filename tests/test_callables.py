@@ -1,6 +1,7 @@
 """Function info: encoding callables for a Task row and finding them again in a worker."""
 from __future__ import annotations
 
+import re
 import sys
 import uuid
 
@@ -537,6 +538,10 @@ def test_allow_list_judges_a_wrapped_function_by_the_function_it_decorates():
 @pytest.mark.parametrize("info", [
     dict(CLASS_INFO, func_path=f"{JOBS}.VendorChild.inherited_class_job", func_name="inherited_class_job",
          class_name="VendorChild", class_path=f"{JOBS}.VendorChild"),
+    # hand-written info that reaches inherited or re-exported code through the allowed module's names
+    dict(STATIC_INFO, func_path=f"{JOBS}.VendorChild.inherited_static_job", func_name="inherited_static_job",
+         class_name="VendorChild", class_path=f"{JOBS}.VendorChild"),
+    dict(FUNCTION_INFO, func_path=f"{JOBS}.vendored_job", func_name="vendored_job"),
     dict(FUNCTION_INFO, func_path=f"{JOBS}.disguised_job", func_name="disguised_job"),
 ])
 def test_worker_check_judges_the_defining_module_of_stored_function_info(info):
@@ -548,13 +553,46 @@ def test_worker_check_judges_the_defining_module_of_stored_function_info(info):
             resolve(info)
 
 
+INDIRECTIONS = [
+    # (what is scheduled, pk_override, the refusal): each form of indirection, as task_with_callable stores it
+    (f"{JOBS}.VendorChild.inherited_class_job", None, VENDOR_REFUSED),  # an inherited class method
+    # an inherited static method and a re-exported function are stored under the path that defines them
+    (f"{JOBS}.VendorChild.inherited_static_job", None, "Callable 'tests.testapp.vendor.VendorBase.inherited_static_job'"),
+    (f"{JOBS}.vendored_job", None, "Callable 'tests.testapp.vendor.vendored_job'"),
+    (f"{JOBS}.disguised_job", None, VENDOR_REFUSED),  # ... with its __module__ rewritten
+    (f"{MODELS}.Widget.clean_fields", "widget", DJANGO_REFUSED),  # a model method inherited from Django
+]
+
+
 @pytest.mark.django_db
-@pytest.mark.parametrize("path, pk", [
-    (f"{JOBS}.VendorChild.inherited_class_job", ""),
-    (f"{JOBS}.disguised_job", ""),
-    (f"{MODELS}.Widget.clean_fields", "widget"),
-])
-def test_admin_form_refuses_code_defined_outside_the_allow_list(path, pk):
+@pytest.mark.parametrize("path, pk, message", INDIRECTIONS)
+def test_the_worker_refuses_a_row_of_each_indirection_and_runs_nothing(path, pk, message):
+    """A row saved while every module was allowed, whose slot was claimed: once the allow-list
+    names only the modules it is reached through, the worker task itself refuses it."""
+    from django.utils import timezone
+
+    from sisy_celery import engine
+    from sisy_celery.models import Run, task_with_callable
+    from sisy_celery.tasks import RefusedMessage, run_callable
+
+    widget = Widget.objects.create(name="w")
+    task = task_with_callable(path, pk_override=widget.pk if pk else None, label="indirect")
+    task.save()
+    run = engine.claim_now(task, timezone.now(), "test")
+    args = [task.pk, task._func_info, task._extra_data, run.slot.isoformat()]
+    with override_settings(SISY_ALLOWED_MODULES=[JOBS, MODELS]):
+        with pytest.raises(RefusedMessage, match=re.escape(message)):
+            run_callable.apply(args=args).get()
+    assert CALLS == []
+    task.refresh_from_db()
+    assert message in task.problem and "is not allowed" in task.problem
+    run.refresh_from_db()
+    assert run.state == Run.REVOKED
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("path, pk, message", INDIRECTIONS)
+def test_admin_form_refuses_code_defined_outside_the_allow_list(path, pk, message):
     from sisy_celery.forms import TaskForm
 
     widget = Widget.objects.create(name="w")
@@ -564,7 +602,8 @@ def test_admin_form_refuses_code_defined_outside_the_allow_list(path, pk):
     with override_settings(SISY_ALLOWED_MODULES=[JOBS, MODELS]):
         form = TaskForm(data=data)
         assert not form.is_valid()
-    assert "its code, defined in module" in form.errors["callable"][0]
+    assert "is not allowed" in form.errors["callable"][0] and message in form.errors["callable"][0]
+    assert TaskForm(data=data).is_valid(), form.errors  # every module allowed: the same form is accepted
 
 
 # -- the signature: (message) or (), in every form -------------------------------------------------
@@ -582,6 +621,26 @@ SIGNATURE = "a scheduled callable must take one argument (message) or none"
 ])
 def test_signature_with_further_positional_parameters_is_refused(thing, kwargs):
     refused(thing, SIGNATURE, **kwargs)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("form, thing, pk", [
+    ("function", jobs.two_params, False),
+    ("function path", f"{JOBS}.two_params", False),
+    ("static method", jobs.Holder.static_two_params, False),
+    ("static method path", f"{JOBS}.Holder.static_two_params", False),
+    ("class method", jobs.Holder.class_two_params, False),
+    ("class method path", f"{JOBS}.Holder.class_two_params", False),
+    ("bound model method", "two_args", False),
+    ("model method path with pk_override", f"{MODELS}.Widget.two_args", True),
+    ("model method with pk_override", Widget.two_args, True),
+])
+def test_every_callable_form_is_refused_unless_it_takes_message_or_nothing(form, thing, pk):
+    widget = Widget.objects.create(name="w")
+    if form == "bound model method":
+        thing = getattr(widget, thing)
+    shown = "(message, extra)" if "model" in form else "(message, other)"
+    refused(thing, f"has the signature {shown}; {SIGNATURE}", **({"pk_override": widget.pk} if pk else {}))
 
 
 @pytest.mark.django_db

@@ -162,6 +162,26 @@ def test_no_allow_list_in_production_stops_manage_py_commands():
         call_command("check", stdout=io.StringIO(), stderr=io.StringIO())
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_no_allow_list_in_production_stops_runserver(tmp_path):
+    # runserver itself, not only `check`: it exits with the fix instead of serving.
+    settings = 'del SISY_ALLOWED_MODULES\nDEBUG = False\nALLOWED_HOSTS = ["127.0.0.1"]'
+    try:
+        done = django_command(tmp_path, settings, "runserver", "--noreload", f"127.0.0.1:{free_port()}", timeout=60)
+    except subprocess.TimeoutExpired as expired:
+        pytest.fail(f"runserver started without SISY_ALLOWED_MODULES and DEBUG off: {expired.stdout!r}")
+    assert done.returncode != 0
+    assert "(sisy_celery.E008) SISY_ALLOWED_MODULES is not set" in done.stderr
+    assert "SISY_ALLOWED_MODULES = '__all__'" in done.stderr
+
+
 UNSET_SETTINGS = """
 from tests.settings import *  # noqa: F403
 del SISY_ALLOWED_MODULES
@@ -215,13 +235,13 @@ def test_manage_py_check_fails_on_errors():
 # -- the project around sisy: result backend app, Celery app, beat scheduler, migrations -----------------
 
 
-def django_command(tmp_path: Path, settings: str, *args: str) -> subprocess.CompletedProcess[str]:
+def django_command(tmp_path: Path, settings: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run ``python -m django ARGS`` in a fresh process on tests.settings changed by ``settings``."""
     (tmp_path / "changed_settings.py").write_text(f"from tests.settings import *\n{settings}\n")
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "changed_settings",
            "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     return subprocess.run([sys.executable, "-m", "django", *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("backend", ["django-db", "django-cache"])

@@ -392,8 +392,12 @@ def test_amqp_lost_connection_raises_then_reconnects(amqp_url: str) -> None:
 def test_other_transports_publish_through_kombu(url: str, tmp_path: Any) -> None:
     """Any other transport gets kombu's Producer.publish per message: same message as send_task."""
     folder = str(tmp_path)
-    app = make_app(url, broker_transport_options={"data_folder_in": folder, "data_folder_out": folder,
-                                                  "processed_folder": folder, "control_folder": folder})
+    # A queue of its own: memory:// is shared by the process, and other tests' "run now" leave
+    # messages in the project's default queue.
+    queue_name = f"other-{secrets.token_hex(4)}"
+    app = make_app(url, task_default_queue=queue_name,
+                   broker_transport_options={"data_folder_in": folder, "data_folder_out": folder,
+                                             "processed_folder": folder, "control_folder": folder})
     slot = datetime.now(UTC)
     outgoing = Outgoing("id-9", args_for(9, slot), {"periodic_task_name": "sisy:9"}, priority=5,
                         expires=slot + timedelta(minutes=5))
@@ -402,7 +406,7 @@ def test_other_transports_publish_through_kombu(url: str, tmp_path: Any) -> None
     assert dispatcher.publish([outgoing]) == []
     dispatcher.close()
     with app.connection_for_read() as conn:
-        queue = conn.SimpleQueue("celery", no_ack=True)
+        queue = conn.SimpleQueue(queue_name, no_ack=True)
         theirs, ours = queue.get(timeout=5), queue.get(timeout=5)
         queue.close()
     for field in ("headers", "content_type", "content_encoding", "payload"):
@@ -411,3 +415,22 @@ def test_other_transports_publish_through_kombu(url: str, tmp_path: Any) -> None
     for key in set(ours.properties) | set(theirs.properties):
         if ours.properties.get(key) != theirs.properties.get(key):
             assert extra[key](ours.properties[key], theirs.properties[key]), key
+
+
+def test_messages_are_json_and_a_worker_accepts_nothing_else_by_default() -> None:
+    """docs/security.md: beat's messages are JSON, and a worker with Celery's defaults (as the
+    example project and the tests run) refuses pickle, so a forged message cannot bring objects."""
+    from tests.celery_app import app as project_app
+
+    assert (project_app.conf.task_serializer, set(project_app.conf.accept_content)) == ("json", {"json"})
+    app = make_app("memory://")
+    queue = f"json-{secrets.token_hex(4)}"
+    dispatcher = Dispatcher(app)
+    assert dispatcher.publish([Outgoing("id-json", args_for(7, datetime.now(UTC)), {}, queue=queue)]) == []
+    dispatcher.close()
+    with app.connection_for_read() as conn:
+        simple = conn.SimpleQueue(queue, no_ack=True)
+        message = simple.get(timeout=5)
+        simple.close()
+    assert message.content_type == "application/json"
+    assert json.loads(message.body)[0][:2] == [7, FUNC_INFO]

@@ -58,9 +58,16 @@ with app.connection_for_write() as connection:
             while len(received) < count:
                 connection.drain_events(timeout=5)
 
-    app.send_task("sisy.run_callable", args=args, queue=queue, connection=connection)
+    app.send_task("sisy.run_callable", args=args, queue=queue, connection=connection, task_id="signed")
     take(1)
     signed = received[0]
+    # Beat publishes through sisy's Dispatcher, which serializes with the app's task_serializer: signed too.
+    from sisy_celery.dispatch import Dispatcher, Outgoing
+
+    dispatcher = Dispatcher(app)
+    assert dispatcher.publish([Outgoing("dispatched", args, {})]) == []
+    dispatcher.close()
+    take(2)
     # Forged: the same body unsigned, and the signed message with its arguments changed.
     producer.publish(json.dumps([args, {}, {}]), routing_key="celery", content_type="application/json",
                      content_encoding="utf-8", headers={"task": "sisy.run_callable", "id": "unsigned"}, declare=[queue])
@@ -68,14 +75,14 @@ with app.connection_for_write() as connection:
     producer.publish(tampered, routing_key="celery", content_type=signed.content_type,
                      content_encoding=signed.content_encoding, headers={"task": "sisy.run_callable", "id": "tampered"},
                      declare=[queue])
-    take(3)
+    take(4)
     for message in received:
         try:
             body = message.decode()
         except (ContentDisallowed, DecodeError, SecurityError) as exc:  # what a worker's consumer rejects
             outcomes[message.headers["id"]] = f"refused: {type(exc).__name__}"
         else:
-            outcomes["signed"] = body[0]
+            outcomes[message.headers["id"]] = [message.content_type, body[0]]
 print(json.dumps(outcomes, sort_keys=True))
 '''
 
@@ -85,6 +92,7 @@ def test_signed_messages_are_accepted_unsigned_and_tampered_ones_refused(tmp_pat
                           cwd=ROOT)
     assert done.returncode == 0, done.stderr
     outcomes = done.stdout.strip().splitlines()[-1]
-    assert outcomes == ('{"signed": [1, {"func_name": "record", "func_path": "jobs.jobs.record", '
-                        '"func_type": "function", "module_name": "jobs.jobs"}, {}, "2026-01-01T00:00:00+00:00"], '
+    accepted = ('["application/data", [1, {"func_name": "record", "func_path": "jobs.jobs.record", '
+                '"func_type": "function", "module_name": "jobs.jobs"}, {}, "2026-01-01T00:00:00+00:00"]]')
+    assert outcomes == (f'{{"dispatched": {accepted}, "signed": {accepted}, '
                         '"tampered": "refused: DecodeError", "unsigned": "refused: ContentDisallowed"}')

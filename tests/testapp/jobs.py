@@ -33,6 +33,14 @@ class Holder:
     def plain_method(self, message):
         pass
 
+    @staticmethod
+    def static_two_params(message, other):
+        pass
+
+    @classmethod
+    def class_two_params(cls, message, other):
+        pass
+
     class Inner:
         @staticmethod
         def nested(message):

@@ -1,23 +1,25 @@
 """Code outside the allow-list of the indirection tests, reached through tests.testapp.jobs."""
 import functools
 
+from . import models
+
 
 class VendorBase:
     @classmethod
     def inherited_class_job(cls, message):
-        pass
+        models.CALLS.append(("inherited_class_job", message))
 
     @staticmethod
     def inherited_static_job(message):
-        pass
+        models.CALLS.append(("inherited_static_job", message))
 
 
 def vendored_job(message):
-    pass
+    models.CALLS.append(("vendored_job", message))
 
 
 def disguised_job(message):
-    pass
+    models.CALLS.append(("disguised_job", message))
 
 
 # Labelled as if it were defined in jobs, where it is re-exported: only its code tells the truth.
