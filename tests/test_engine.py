@@ -491,6 +491,16 @@ def test_claim_now_follows_beats_rules() -> None:
 # -- DST, with one clock for beat and worker -----------------------------------------------
 
 
+def test_the_claim_counts_an_interval_from_the_task_start_as_the_model_does() -> None:
+    """The claim reads due rows as plain values, not Task instances: an interval's slots still count
+    from ``start_running``, as ``Task.following_run`` counts them."""
+    start = T0 - timedelta(seconds=100)
+    task = make(schedule="every 90s", start_running=start)
+    assert [run.slot for run in dispatch(T0).runs] == [T0]
+    moved = Task.objects.get(pk=task.pk)
+    assert moved.next_run == start + timedelta(seconds=180) == moved.following_run(T0)
+
+
 @pytest.mark.parametrize("night, schedule, expected_local", [
     # spring forward: 02:30 does not exist; it runs at the first instant after the gap, once
     (datetime(2030, 3, 10, 5, 0, tzinfo=UTC), "30 2 * * *", ["03:00"]),
