@@ -500,7 +500,8 @@ def settle(run: Started, state: str, error: str, now: datetime, task: Task) -> b
         # ``task`` is the row as loaded at the start; other runs may have counted down since, so
         # whether this was the last iteration is decided by the database.
         if not task.iterations or not tasks.filter(iterations__gt=1).update(iterations=F("iterations") - 1, **counted):
-            if task.iterations and tasks.filter(iterations=1).finish():
+            if task.iterations and tasks.filter(iterations=1).finish(last_run=counted["last_run"],
+                                                                    last_status=counted["last_status"]):
                 logger.info("sisy task id=%s finished: its last iteration ran", run.task_pk)
                 return True
             tasks.update(**counted)

@@ -141,14 +141,15 @@ class TaskQuerySet(models.QuerySet):
         """Enabled tasks whose next run is at or before ``now``, earliest first (uses the index)."""
         return self.filter(enabled=True, next_run__lte=now).order_by("next_run")
 
-    def finish(self) -> int:
+    def finish(self, **kept: Any) -> int:
         """Finish these tasks: delete them, or disable them with SISY_KEEP_FINISHED_TASKS.
 
         A kept task gets ``finished_at``, which tells it apart from one a user disabled
-        (``sisy_purge_finished`` and the admin's "finished" filter rely on that).
+        (``sisy_purge_finished`` and the admin's "finished" filter rely on that), and the
+        further values ``kept`` (the last run's, when its settlement finishes the task).
         """
         if conf.keep_finished_tasks():
-            return self.update(enabled=False, running=False, finished_at=timezone.now())
+            return self.update(enabled=False, running=False, finished_at=timezone.now(), **kept)
         return self.delete()[0]
 
 

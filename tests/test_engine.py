@@ -351,14 +351,17 @@ def test_iterations_exactly_n_with_overlap_and_concurrent_runs(keep: bool) -> No
                 if state == Run.PUBLISHED:
                     starts.append(start(task, slot, now))
         assert len(starts) == 3 and all(isinstance(s, engine.Started) for s in starts)
-        for index in (1, 2, 0):
-            assert engine.settle(starts[index], "SUCCESS", "", T0 + timedelta(seconds=7), task)
+        for index, outcome in ((1, "SUCCESS"), (0, "SUCCESS"), (2, "FAILURE")):
+            assert engine.settle(starts[index], outcome, "", T0 + timedelta(seconds=7), task)
         remaining = Task.objects.filter(pk=task.pk).first()
         if keep:
             assert (remaining.enabled, remaining.running, remaining.finished_at is not None) == (False, False, True)
+            # the last settlement finished the task and still counted: the latest start, the last outcome
+            assert (remaining.last_run, remaining.last_status) == (T0 + timedelta(seconds=2), "FAILURE")
         else:
             assert remaining is None
-        assert Run.objects.filter(task_id=task.pk, state=Run.SUCCEEDED).count() == 3
+        assert sorted(Run.objects.filter(task_id=task.pk).values_list("state", flat=True)) == [
+            Run.FAILED, Run.SUCCEEDED, Run.SUCCEEDED]
         assert dispatch(T0 + timedelta(seconds=8)).runs == []
 
 
