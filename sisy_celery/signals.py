@@ -93,8 +93,13 @@ def _on_postrun(sender: Any = None, task: Any = None, state: str | None = None, 
         return  # refused, dropped or waiting message: no run was started by it
     task.request.sisy_run = None
     run, row = tracked
-    error = "" if state == states.SUCCESS else f"{type(retval).__name__}: {retval}"
+    error = "" if state == states.SUCCESS else getattr(task.request, "sisy_error", None) or describe_error(retval)
     settle(run, row, state or "", error)
+
+
+def describe_error(exc: Any) -> str:
+    """A run's error as the ledger and the admin show it: the exception's type and message."""
+    return f"{type(exc).__name__}: {exc}"
 
 
 @task_revoked.connect

@@ -14,7 +14,7 @@ from .callables import CallableError, call_arity, check_allowed, resolve
 from .checks import configured_app
 from .dispatch import TASK_NAME, BrokerUnavailable, Dispatcher
 from .models import Task
-from .signals import parse_slot, track
+from .signals import describe_error, parse_slot, track
 
 logger = logging.getLogger("sisy_celery.worker")
 
@@ -73,14 +73,20 @@ def run_callable(self: Any, task_pk: Any, func_info: dict[str, Any], userdata: d
         return _not_started(self, task, slot, started)
     track(started, task, self.request)
     try:
-        func = resolve(func_info)
-        arity = call_arity(func, task.callable_path)
-    except CallableError as exc:
-        logger.error("sisy task id=%s label=%r cannot run: %s", task.pk, task.label, exc)
-        Task.objects.filter(pk=task.pk).update(problem=str(exc))
+        try:
+            func = resolve(func_info)
+            arity = call_arity(func, task.callable_path)
+        except CallableError as exc:
+            logger.error("sisy task id=%s label=%r cannot run: %s", task.pk, task.label, exc)
+            Task.objects.filter(pk=task.pk).update(problem=str(exc))
+            raise
+        message = {"task": task, "userdata": task.userdata, "scheduled_for": slot}
+        return func(message) if arity else func()
+    except Exception as exc:
+        # The run's error, as the ledger records it: Celery's task_postrun carries no return value
+        # when storing the failure in the result backend failed.
+        self.request.sisy_error = describe_error(exc)
         raise
-    message = {"task": task, "userdata": task.userdata, "scheduled_for": slot}
-    return func(message) if arity else func()
 
 
 def _not_started(request_task: Any, task: Task, slot: datetime, why: engine.NotStarted) -> None:

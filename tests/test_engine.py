@@ -576,6 +576,30 @@ def test_a_run_of_a_recurring_task_costs_the_worker_its_statements_and_no_more()
     assert (run.slot, run.state) == (T0, Run.SUCCEEDED)
 
 
+@pytest.mark.filterwarnings("ignore:Exception raised outside body:RuntimeWarning")  # Celery's, for the store
+def test_a_failed_run_records_the_callables_error_when_the_result_backend_is_down(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker stores a failure in the result backend before ``task_postrun``; when that store fails,
+    Celery's postrun carries no return value and no state. The run still records the callable's error."""
+    from celery.app.trace import build_tracer
+
+    from sisy_celery.tasks import run_callable
+
+    task = make(the_callable=jobs.failing)
+    dispatch(T0)
+
+    def backend_down(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("result backend unreachable")
+
+    monkeypatch.setattr(run_callable.backend, "mark_as_failure", backend_down)
+    trace = build_tracer(run_callable.name, run_callable, eager=False, propagate=False, app=run_callable.app)
+    with pytest.raises(ConnectionError):  # Celery's tracer tries the store again and gives up: the worker logs it
+        trace(run_celery_id(task.pk, T0), [task.pk, task._func_info, task._extra_data, T0.isoformat()], {},
+              {"hostname": "w1"})
+    run = Run.objects.get(task_id=task.pk)
+    assert (run.state, run.error) == (Run.FAILED, "RuntimeError: boom")
+
+
 def test_settling_a_recurring_run_keeps_running_while_another_run_of_it_is_unsettled() -> None:
     task = make()
     dispatch(T0)
