@@ -504,6 +504,15 @@ def test_the_claim_counts_an_interval_from_the_task_start_as_the_model_does() ->
     assert moved.next_run == start + timedelta(seconds=180) == moved.following_run(T0)
 
 
+def test_the_claim_reads_the_schedule_in_the_task_zone_as_the_model_does() -> None:
+    """9:00 in Kolkata (UTC+05:30) is 03:30 UTC, whatever zone the project is configured in."""
+    slot = datetime(2030, 6, 1, 3, 30, tzinfo=UTC)
+    task = make(schedule="0 9 * * *", timezone="Asia/Kolkata", due=slot)
+    assert [run.slot for run in dispatch(slot).runs] == [slot]
+    moved = Task.objects.get(pk=task.pk)
+    assert moved.next_run == slot + timedelta(days=1) == moved.following_run(slot)
+
+
 @pytest.mark.parametrize("night, schedule, expected_local", [
     # spring forward: 02:30 does not exist; it runs at the first instant after the gap, once
     (datetime(2030, 3, 10, 5, 0, tzinfo=UTC), "30 2 * * *", ["03:00"]),
