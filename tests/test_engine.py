@@ -323,16 +323,18 @@ def test_a_redelivered_attempt_starts_again_only_once_the_lease_lapsed() -> None
     assert engine.settle(second, "SUCCESS", "", lease_end + timedelta(seconds=2), task)
 
 
-def test_settle_records_outcome_last_run_and_running() -> None:
-    task = make()
+@pytest.mark.parametrize("iterations", [0, 3])  # recurring (one statement on PostgreSQL) and counted down
+def test_settle_records_outcome_last_run_and_running(iterations: int) -> None:
+    task = make(iterations=iterations)
     dispatch(T0)
     started = start(task, T0, T0 + timedelta(seconds=0.5))
     assert engine.settle(started, "FAILURE", "RuntimeError: boom", T0 + timedelta(seconds=2), task)
     task.refresh_from_db()
     assert (task.last_run, task.last_status, task.running, task.iterations) == (
-        T0 + timedelta(seconds=0.5), "FAILURE", False, 0)
+        T0 + timedelta(seconds=0.5), "FAILURE", False, max(0, iterations - 1))
     run = Run.objects.get(task_id=task.pk)
-    assert (run.state, run.error, run.lease_until) == (Run.FAILED, "RuntimeError: boom", None)
+    assert (run.state, run.error, run.lease_until, run.finished_at) == (
+        Run.FAILED, "RuntimeError: boom", None, T0 + timedelta(seconds=2))
     assert run.lateness == timedelta(seconds=0.5)
     assert not engine.settle(started, "SUCCESS", "", T0 + timedelta(seconds=3), task), "settled twice"
 
@@ -351,7 +353,8 @@ def test_iterations_exactly_n_with_overlap_and_concurrent_runs(keep: bool) -> No
                 if state == Run.PUBLISHED:
                     starts.append(start(task, slot, now))
         assert len(starts) == 3 and all(isinstance(s, engine.Started) for s in starts)
-        for index, outcome in ((1, "SUCCESS"), (0, "SUCCESS"), (2, "FAILURE")):
+        # the run that finishes the task started first: last_run stays the latest start
+        for index, outcome in ((1, "SUCCESS"), (2, "SUCCESS"), (0, "FAILURE")):
             assert engine.settle(starts[index], outcome, "", T0 + timedelta(seconds=7), task)
         remaining = Task.objects.filter(pk=task.pk).first()
         if keep:
