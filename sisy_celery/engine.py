@@ -35,9 +35,9 @@ from django.db.models import BigIntegerField, Count, Exists, F, Func, OuterRef, 
 from django.db.models.expressions import RawSQL
 from django.db.models.functions import Greatest
 
-from . import conf, schedules
+from . import conf
 from .dispatch import Dispatcher, Outgoing
-from .models import FAR_FUTURE, Run, Task, result_tag, run_celery_id
+from .models import FAR_FUTURE, Run, Task, following_run, result_tag, run_celery_id
 
 logger = logging.getLogger("sisy_celery.engine")
 
@@ -86,9 +86,7 @@ class Due:
     expires: int | None
 
     def following_run(self, after: datetime) -> datetime:
-        """As ``Task.following_run``."""
-        return schedules.next_run(self.schedule, after, conf.get_zone(self.timezone or None),
-                                  anchor=self.start_running)
+        return following_run(self, after)
 
     @property
     def result_tag(self) -> str:

@@ -287,9 +287,7 @@ class Task(models.Model):
     # -- scheduling ---------------------------------------------------------------------
 
     def following_run(self, after: datetime) -> datetime:
-        """The next slot of this task strictly after ``after``. An interval counts from
-        ``start_running``; its default, HAS_NOT_RUN, is the Unix epoch, a fixed grid."""
-        return schedules.next_run(self.schedule, after, self.zone, anchor=self.start_running)
+        return following_run(self, after)
 
     def first_run(self, now: datetime) -> datetime:
         """When a new (or re-scheduled) task runs first, honouring start_running and wait_for_schedule."""
@@ -465,6 +463,12 @@ class BeatProcess(models.Model):
 #: Namespace of the Celery task ids of runs: the id is a function of (task, slot) alone, so a message,
 #: every copy or re-publish of it and its django-celery-results row share one id.
 RUN_ID_NAMESPACE = uuid.UUID("6f1c7a52-3c1e-4f0e-9a59-5b0f2a7f3d10")
+
+
+def following_run(row: Any, after: datetime) -> datetime:
+    """The next slot of a task row (a Task, or the values beat's claim reads) strictly after ``after``.
+    An interval counts from ``start_running``; its default, HAS_NOT_RUN, is the Unix epoch, a fixed grid."""
+    return schedules.next_run(row.schedule, after, conf.get_zone(row.timezone or None), anchor=row.start_running)
 
 
 def result_tag(task_pk: Any) -> str:
