@@ -348,6 +348,30 @@ def test_redis_refuses_one_message_and_delivers_the_rest(redis_url: str) -> None
         client.close()
 
 
+def test_redis_batch_keeps_order_per_priority_and_renews_queue_expiry(redis_url: str) -> None:
+    """A batch goes out as one LPUSH per priority key: each key holds its messages in the order
+    of the batch, as one push per message leaves them; a queue declared with an expiry gets it on
+    every priority key, as kombu renews it on each publish."""
+    prefix = f"exp-{secrets.token_hex(3)}"
+    queue = default_queue(prefix)
+    app = make_app(redis_url, task_default_queue=queue, task_queues=[Queue(queue, expires=60)])
+    client = redis_client(redis_url)
+    slot = datetime.now(UTC)
+    runs = batch(prefix, slot, 7, {n: {"priority": 9} for n in (1, 4, 5)})
+    dispatcher = Dispatcher(app)
+    try:
+        assert dispatcher.publish(runs) == []
+        (urgent,) = {key.decode() for key in client.keys(f"{queue}*")} - {queue}  # kombu's key of a priority
+        assert [m["headers"]["id"] for m in redis_messages(redis_url, queue)] == [f"{prefix}-{n}" for n in (0, 2, 3, 6)]
+        assert [m["headers"]["id"] for m in redis_messages(redis_url, urgent)] == [f"{prefix}-{n}" for n in (1, 4, 5)]
+        assert 0 < client.pttl(queue) <= 60_000 and 0 < client.pttl(urgent) <= 60_000
+    finally:
+        dispatcher.close()
+        for key in client.keys(f"{prefix}*"):
+            client.delete(key)
+        client.close()
+
+
 # -- connections ----------------------------------------------------------------------------
 
 
