@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from datetime import datetime, timedelta, timezone as dt_timezone
 from types import SimpleNamespace
 from typing import Any, Sequence
@@ -19,7 +20,7 @@ from django.test.utils import override_settings
 
 from sisy_celery import engine
 from sisy_celery.dispatch import BrokerUnavailable, Outgoing
-from sisy_celery.models import FAR_FUTURE, Run, Task, run_celery_id, task_with_callable
+from sisy_celery.models import FAR_FUTURE, RUN_ID_NAMESPACE, Run, Task, run_celery_id, task_with_callable
 from tests.testapp import jobs
 
 pytestmark = pytest.mark.django_db
@@ -141,6 +142,7 @@ def test_claim_inserts_runs_advances_next_run_and_publish_marks_them() -> None:
     assert run.lease_until == T0 + timedelta(seconds=300)
     first = stub.sent[0]
     assert first.task_id == run_celery_id(tasks[0].pk, T0) == run.celery_id
+    assert first.task_id == str(uuid.uuid5(RUN_ID_NAMESPACE, f"{tasks[0].pk}/{T0.isoformat()}"))
     assert first.args == [tasks[0].pk, tasks[0]._func_info, {"n": 0}, T0.isoformat()]
     assert first.headers == {"periodic_task_name": f"sisy:{tasks[0].pk}"}
 
