@@ -376,7 +376,8 @@ class _RedisTransport(_Transport):
 
     Writes what ``Channel.basic_publish`` -> ``_put`` writes: the envelope of the virtual
     channel (body base64-encoded, a fresh delivery tag), LPUSHed to the queue's key for the
-    message's priority, plus the PEXPIREs of a queue declared with an expiry.
+    message's priority, plus the PEXPIREs of a queue declared with an expiry. The messages of a
+    batch for one key go in one LPUSH (Redis then parses one command, not one a message).
     """
 
     def __init__(self, connection: Connection) -> None:
