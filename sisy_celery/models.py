@@ -504,7 +504,9 @@ class Run(models.Model):
     UNSETTLED = (CLAIMED, PUBLISHED, STARTED)
     SETTLED = (SUCCEEDED, FAILED, REVOKED, LOST)
 
-    task = models.ForeignKey(Task, on_delete=models.DO_NOTHING, db_constraint=False, related_name="runs")
+    # No index of its own: the unique (task, slot) and the (task, state) index lead with it.
+    task = models.ForeignKey(Task, on_delete=models.DO_NOTHING, db_constraint=False, db_index=False,
+                             related_name="runs")
     slot = models.DateTimeField(help_text="The instant this run was due.")
     state = models.CharField(max_length=10, choices=STATES, default=CLAIMED)
     attempt = models.PositiveSmallIntegerField(default=0, help_text="Starts so far (a redelivered run starts again).")

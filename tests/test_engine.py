@@ -1068,3 +1068,14 @@ def test_waiting_counts_runs_published_long_ago_and_not_started() -> None:
     now = T0 + timedelta(seconds=30)
     # claimed but not published, or started: no worker is awaited
     assert [engine.waiting(now, seconds) for seconds in (20, 25, 29, 30)] == [2, 1, 1, 0]
+
+
+def test_the_run_ledger_keeps_only_the_indexes_its_queries_use() -> None:
+    """Each run is written two to four times (claim, publish, start, settle), and every index costs
+    each write: the run table has its key, the unique (task, slot), (task, state) and (state,
+    claimed_at), and no index of task alone (the two that lead with it serve those lookups)."""
+    with connection.cursor() as cursor:
+        found = connection.introspection.get_constraints(cursor, Run._meta.db_table)
+    indexed = sorted(tuple(info["columns"]) for info in found.values()
+                     if info["index"] or info["unique"] or info["primary_key"])
+    assert indexed == sorted([("id",), ("task_id", "slot"), ("task_id", "state"), ("state", "claimed_at")])
