@@ -705,15 +705,21 @@ class Stack:
 # -- checks shared by the tests ------------------------------------------------------------
 
 
+def line_time(line: str) -> datetime | None:
+    """The aware time a log line starts with (``[2026-01-01 12:00:00,123 ...``), if it has one."""
+    match = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})", line)
+    if match is None:
+        return None
+    return datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S").replace(
+        microsecond=int(match.group(2)) * 1000).astimezone(UTC)
+
+
 def logged_at(proc: Proc, needle: str, after: datetime | None = None) -> datetime | None:
     """When ``proc`` first logged a line containing ``needle`` (after ``after``), as an aware time."""
     for line in proc.text().splitlines():
-        match = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})", line)
-        if match and needle in line:
-            moment = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S").replace(
-                microsecond=int(match.group(2)) * 1000).astimezone(UTC)
-            if after is None or moment > after:
-                return moment
+        moment = line_time(line)
+        if moment is not None and needle in line and (after is None or moment > after):
+            return moment
     return None
 
 

@@ -38,7 +38,7 @@ import pytest
 
 from sisy_celery.scheduler import Scheduler
 from tests.conftest import skip_unless
-from tests.e2e.harness import PG, REDIS, UTC, Proc, Stack, logged_at, now, overlaps, wait_for
+from tests.e2e.harness import PG, REDIS, UTC, Proc, Stack, line_time, logged_at, now, overlaps, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -107,9 +107,9 @@ class Expect:
     ``once``: each of these slots runs exactly once, but the ``excused`` ones (a loss the contract
     allows, read from the ledger), which run at most once. ``window``: an outage of the task: the
     coalesced catch-up, between ``least`` and ``most`` runs among the slots of ``[first, last]``:
-    exactly one, or at most one where beat logged a slot of the window skipped (``allow_overlap=False``
-    and the run claimed before the outage still waiting); for a broker outage also the runs claimed
-    before their publish failed (``most`` = None: each slot at most once).
+    exactly one, or at most one where beat logged a slot of the window skipped once the database
+    was cut (``allow_overlap=False`` and the run claimed before the cut still waiting); for a broker
+    outage also the runs claimed before their publish failed (``most`` = None: each slot at most once).
     """
 
     once: dict[int, set[datetime]] = field(default_factory=lambda: defaultdict(set))
@@ -191,10 +191,16 @@ def ledger_slots(stack: Stack, pk: int, *states: str) -> list[datetime]:
     return [row["slot"] for row in stack.ledger(pk) if not states or row["state"] in states]
 
 
-def skipped_slots(stack: Stack) -> set[tuple[int, datetime]]:
-    """(task id, slot) that beat skipped because a run of the task was still going."""
+def skipped_slots(stack: Stack) -> dict[tuple[int, datetime], datetime | None]:
+    """{(task id, slot): when it was logged} for the slots beat skipped because a run of the task
+    was still going."""
     pattern = re.compile(r"sisy task id=(\d+) label=.*: slot (\S+) skipped, a run is still going")
-    return {(int(m.group(1)), datetime.fromisoformat(m.group(2))) for m in pattern.finditer(logs(stack, "beat"))}
+    skipped = {}
+    for line in logs(stack, "beat").splitlines():
+        match = pattern.search(line)
+        if match:
+            skipped[(int(match.group(1)), datetime.fromisoformat(match.group(2)))] = line_time(line)
+    return skipped
 
 
 def catch_ups(stack: Stack, pk: int, first: datetime, last: datetime) -> list[datetime]:
@@ -621,8 +627,11 @@ def outage_expectations(stack: Stack, pks: list[int], first_slots: dict[int, dat
         last_before = max(row["slot"] for row in rows if row["claimed_at"] < down)
         expect.each(pk, [s for s in grid(first_slots[pk], last_before) if (pk, s) not in skipped])
         first, last = last_before + SECOND, whole_second(resumed)
-        # Overlap off: the catch-up is skipped while the run claimed last before the outage still waits.
-        waited = any(task == pk and first <= slot <= last for task, slot in skipped)
+        # Overlap off: when the database is back, the catch-up is skipped while the run claimed last
+        # before the cut still waits (its worker could not start it during the outage).
+        waited = component == "database" and any(
+            task == pk and first <= slot <= last and at is not None and at > down
+            for (task, slot), at in skipped.items())
         expect.window(pk, first, last, 0 if waited else 1, 1 if component == "database" else None)
         expect.each(pk, [s for s in grid(whole_second(resumed) + SECOND, end) if (pk, s) not in skipped])
         if component == "broker":
