@@ -54,8 +54,9 @@ _NOT_PROPERTIES = ("exchange", "routing_key", "queue", "serializer", "delivery_m
                    "confirm_timeout")
 #: Bytes of AMQP frames buffered before they are written to the socket.
 _AMQP_WRITE_CHUNK = 256 * 1024
-#: Values in one Redis LPUSH at most.
+#: Values and characters in one Redis LPUSH at most (one message always goes, whatever its size).
 _REDIS_PUSH_SIZE = 1000
+_REDIS_PUSH_BYTES = 4 * 1024 * 1024
 #: Seconds to wait for the broker's publisher confirms of a batch.
 _CONFIRM_TIMEOUT = 30.0
 #: AMQP frame types and the Basic class id.
@@ -459,9 +460,9 @@ class _RedisTransport(_Transport):
         with channel.conn_or_acquire() as client:
             pipe = client.pipeline(transaction=False)
             for key, (payloads, owners) in pushes.items():
-                for start in range(0, len(payloads), _REDIS_PUSH_SIZE):
-                    pipe.lpush(key, *payloads[start:start + _REDIS_PUSH_SIZE])
-                    commands.append(owners[start:start + _REDIS_PUSH_SIZE])
+                for start, end in _push_chunks(payloads):
+                    pipe.lpush(key, *payloads[start:end])
+                    commands.append(owners[start:end])
             for queue, expiry in expiring.items():
                 for step in channel.priority_steps:
                     pipe.pexpire(channel._q_for_pri(queue, step), expiry)
@@ -472,6 +473,21 @@ class _RedisTransport(_Transport):
                 for owner in owners:
                     failed.setdefault(id(owner), (owner, _reason(reply)))
         return list(failed.values())
+
+
+def _push_chunks(payloads: list[str]) -> list[tuple[int, int]]:
+    """``(start, end)`` of consecutive payloads for one LPUSH each, within the count and size
+    limits (a command is read whole into Redis's query buffer before it runs)."""
+    chunks = []
+    start = size = 0
+    for end, payload in enumerate(payloads):
+        if end > start and (end - start >= _REDIS_PUSH_SIZE or size + len(payload) > _REDIS_PUSH_BYTES):
+            chunks.append((start, end))
+            start, size = end, 0
+        size += len(payload)
+    if payloads:
+        chunks.append((start, len(payloads)))
+    return chunks
 
 
 class _AmqpTransport(_Transport):

@@ -27,6 +27,7 @@ from celery.utils.saferepr import saferepr
 from kombu import Connection, Exchange, Queue
 from kombu.transport.redis import PRIORITY_STEPS
 
+from sisy_celery import dispatch
 from sisy_celery.dispatch import TASK_NAME, BrokerUnavailable, Dispatcher, Outgoing, uuid_text
 from tests.conftest import require_service
 from tests.e2e.harness import SERVICES, AmqpBroker, RedisBroker
@@ -238,6 +239,14 @@ def test_amqp_messages_match_send_task(amqp_url: str) -> None:
         delete_amqp_queues(amqp_url, queues)
 
 
+def test_redis_pushes_are_cut_by_count_and_size_but_take_any_one_message(monkeypatch: Any) -> None:
+    monkeypatch.setattr(dispatch, "_REDIS_PUSH_SIZE", 3)
+    monkeypatch.setattr(dispatch, "_REDIS_PUSH_BYTES", 10)
+    assert dispatch._push_chunks([]) == []
+    assert dispatch._push_chunks(["a"] * 7) == [(0, 3), (3, 6), (6, 7)]
+    assert dispatch._push_chunks(["aaaa", "bbbb", "cc", "d" * 25, "e"]) == [(0, 3), (3, 4), (4, 5)]
+
+
 @pytest.mark.parametrize("version", [4, 5])
 def test_uuid_text_is_the_text_of_the_uuid_module(version: int) -> None:
     """Run ids (version 5) must stay what ``uuid.uuid5`` made before, or messages in flight during an
@@ -343,12 +352,14 @@ def test_redis_refuses_one_message_and_delivers_the_rest(redis_url: str) -> None
     client = redis_client(redis_url)
     client.set(f"{prefix}-str", "not a list")
     slot = datetime.now(UTC)
-    runs = batch(prefix, slot, 6, {1: {"queue": f"{prefix}-str"},
+    runs = batch(prefix, slot, 7, {1: {"queue": f"{prefix}-str"},
                                    2: {"args": [2, FUNC_INFO, {"bad": object()}, slot.isoformat()]},
-                                   4: {"queue": f"{prefix}-unknown"}})
+                                   4: {"queue": f"{prefix}-unknown"},
+                                   6: {"queue": f"{prefix}-str"}})
     dispatcher = Dispatcher(app)
     try:
-        assert reasons(dispatcher.publish(runs), {1: "WRONGTYPE", 2: "EncodeError", 4: "QueueNotFound"})
+        assert reasons(dispatcher.publish(runs), {1: "WRONGTYPE", 2: "EncodeError", 4: "QueueNotFound",
+                                                  6: "WRONGTYPE"})
         delivered = redis_messages(redis_url, default_queue(prefix))
         assert [m["headers"]["id"] for m in delivered] == [f"{prefix}-{n}" for n in (0, 3, 5)]
     finally:
@@ -358,10 +369,11 @@ def test_redis_refuses_one_message_and_delivers_the_rest(redis_url: str) -> None
         client.close()
 
 
-def test_redis_batch_keeps_order_per_priority_and_renews_queue_expiry(redis_url: str) -> None:
-    """A batch goes out as one LPUSH per priority key: each key holds its messages in the order
-    of the batch, as one push per message leaves them; a queue declared with an expiry gets it on
-    every priority key, as kombu renews it on each publish."""
+def test_redis_batch_keeps_order_per_priority_and_renews_queue_expiry(redis_url: str, monkeypatch: Any) -> None:
+    """A batch goes out as LPUSHes of many values per priority key (here at most two a command):
+    each key holds its messages in the order of the batch, as one push per message leaves them; a
+    queue declared with an expiry gets it on every priority key, as kombu renews it on each publish."""
+    monkeypatch.setattr(dispatch, "_REDIS_PUSH_SIZE", 2)
     prefix = f"exp-{secrets.token_hex(3)}"
     queue = default_queue(prefix)
     app = make_app(redis_url, task_default_queue=queue, task_queues=[Queue(queue, expires=60)])
