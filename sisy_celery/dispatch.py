@@ -54,9 +54,10 @@ _NOT_PROPERTIES = ("exchange", "routing_key", "queue", "serializer", "delivery_m
                    "confirm_timeout")
 #: Bytes of AMQP frames buffered before they are written to the socket.
 _AMQP_WRITE_CHUNK = 256 * 1024
-#: Values and characters in one Redis LPUSH at most (one message always goes, whatever its size).
+#: Values, and characters of their JSON, in one Redis LPUSH at most (one message always goes, whatever its
+#: size; the JSON is ASCII but for non-ASCII text in a header).
 _REDIS_PUSH_SIZE = 1000
-_REDIS_PUSH_BYTES = 4 * 1024 * 1024
+_REDIS_PUSH_CHARS = 4 * 1024 * 1024
 #: Seconds to wait for the broker's publisher confirms of a batch.
 _CONFIRM_TIMEOUT = 30.0
 #: AMQP frame types and the Basic class id.
@@ -481,7 +482,7 @@ def _push_chunks(payloads: list[str]) -> list[tuple[int, int]]:
     chunks = []
     start = size = 0
     for end, payload in enumerate(payloads):
-        if end > start and (end - start >= _REDIS_PUSH_SIZE or size + len(payload) > _REDIS_PUSH_BYTES):
+        if end > start and (end - start >= _REDIS_PUSH_SIZE or size + len(payload) > _REDIS_PUSH_CHARS):
             chunks.append((start, end))
             start, size = end, 0
         size += len(payload)

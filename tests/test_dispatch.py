@@ -241,7 +241,7 @@ def test_amqp_messages_match_send_task(amqp_url: str) -> None:
 
 def test_redis_pushes_are_cut_by_count_and_size_but_take_any_one_message(monkeypatch: Any) -> None:
     monkeypatch.setattr(dispatch, "_REDIS_PUSH_SIZE", 3)
-    monkeypatch.setattr(dispatch, "_REDIS_PUSH_BYTES", 10)
+    monkeypatch.setattr(dispatch, "_REDIS_PUSH_CHARS", 10)
     assert dispatch._push_chunks([]) == []
     assert dispatch._push_chunks(["a"] * 7) == [(0, 3), (3, 6), (6, 7)]
     assert dispatch._push_chunks(["aaaa", "bbbb", "cc", "d" * 25, "e"]) == [(0, 3), (3, 4), (4, 5)]
