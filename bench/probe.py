@@ -166,16 +166,17 @@ def fake_clock_scheduler(clock: FakeClock):
         def now(self) -> datetime:
             return now()
 
-    publish_group = engine.publish
+    send_group = engine.send
 
-    def recorded(runs, dispatcher, at):
-        """Each publish group is recorded when it is out and marked (a claimed batch is several groups)."""
-        sent = publish_group(runs, dispatcher, at)
+    def recorded(runs, dispatcher):
+        """Each publish group is recorded when its messages are out on the broker (in beat's
+        publishing thread; a claimed batch is several groups, marked published after)."""
+        refused = send_group(runs, dispatcher)
         out = clock.ts()
         BenchScheduler.published.extend((out, run.slot.timestamp(), run.task_id) for run in runs)
-        return sent
+        return refused
 
-    engine.publish = recorded
+    engine.send = recorded
     return BenchScheduler
 
 

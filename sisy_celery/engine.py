@@ -308,15 +308,29 @@ def publish(runs: Sequence[Run | Claimed], dispatcher: Dispatcher, now: datetime
     """
     if not runs:
         return 0
+    return mark(runs, send(runs, dispatcher), now)
+
+
+def send(runs: Sequence[Run | Claimed], dispatcher: Dispatcher) -> dict[Any, str]:
+    """The broker's half of :func:`publish`, which touches no database (beat runs it in a thread
+    of its own while it claims the next batch): publish the messages of ``runs``; return the
+    reasons of those the broker refused, by run pk. Raises ``BrokerUnavailable``."""
+    if not runs:
+        return {}
     refused = dispatcher.publish([message(run) for run in runs])
-    reasons = {outgoing.key: reason for outgoing, reason in refused}
-    sent = [run.pk for run in runs if run.pk not in reasons]
+    return {outgoing.key: reason for outgoing, reason in refused}
+
+
+def mark(runs: Sequence[Run | Claimed], refused: dict[Any, str], now: datetime) -> int:
+    """The ledger's half of :func:`publish`, once :func:`send` is back: mark the runs that went out
+    published (their lease starts now) and park the refused ones; return how many went out."""
+    sent = [run.pk for run in runs if run.pk not in refused]
     if sent:
         Run.objects.filter(pk__in=_pks(sent), state=Run.CLAIMED).update(
             state=Run.PUBLISHED, published_at=now, lease_until=_lease(now))
     for run in runs:
-        if run.pk in reasons:
-            park(run, reasons[run.pk], now)
+        if run.pk in refused:
+            park(run, refused[run.pk], now)
     return len(sent)
 
 

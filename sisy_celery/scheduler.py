@@ -3,7 +3,8 @@
 Each tick asks the database only for the rows that are due (an index range scan on
 ``enabled, next_run``); when some are, the run ledger's engine claims their slots in one
 transaction per batch (one ``Run`` row per slot), and the claimed runs are published after
-the commit and marked published. Any number of beats can run at once: claims are disjoint,
+the commit and marked published. Messages go out from a publishing thread of beat's own: in a
+burst, one batch is published while the next is claimed. Any number of beats can run at once: claims are disjoint,
 and runs a dead beat left claimed are published again by the others after
 ``republish_after`` seconds (a worker runs one copy of a run only). Upkeep (runs whose lease
 lapsed, retention, the health record) runs every ``upkeep_every`` seconds, so an idle tick
@@ -17,6 +18,7 @@ import signal
 import socket
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any, Iterator
@@ -108,6 +110,9 @@ class Scheduler(beat.Scheduler):
         self._unsent: list[Any] = []
         #: the last claim found more due rows than it took
         self._bursting = False
+        #: the publishing thread, and the batch it is publishing with its runs
+        self._sender: ThreadPoolExecutor | None = None
+        self._sending: tuple[Future, list[Any]] | None = None
         super().__init__(*args, **kwargs)
 
     # -- clock and hooks ---------------------------------------------------------------
@@ -181,41 +186,90 @@ class Scheduler(beat.Scheduler):
         return Task.objects.filter(enabled=True).order_by("next_run").values_list("next_run", flat=True).first()
 
     def dispatch_due(self, now: datetime) -> bool:
-        """Claim and publish one batch of due slots; True if there may be more due right now.
+        """Claim one batch of due slots and start publishing it; True if there may be more due right now.
 
-        Runs whose publish failed are published first: while the broker is down nothing new is
-        claimed, so an outage ends in one late run per task rather than a backlog.
+        In a burst, a batch's messages go out from the publishing thread while the next tick claims
+        the next batch (its database waits overlap the encoding and the broker's round trips), and
+        the batch is marked published once that claim is done; the last batch of a burst is
+        published and marked before the tick ends. Runs whose publish failed are published first:
+        while the broker is down nothing new is claimed, so an outage ends in one late run per task
+        rather than a backlog.
         """
         if self._unsent:
+            self.finish_sending(now)
             unsent, self._unsent = self._unsent, []
             self.publish(unsent, now)
         limit = conf.beat_batch_size()
         if not self._bursting:
             limit = min(limit, self.first_claim)
         batch = engine.claim_due(now, limit, self.ident)
-        self.publish(batch.runs, now)
         self._bursting = batch.examined >= limit
+        self.finish_sending(now, following=batch.runs)
+        if not self._bursting:
+            self.finish_sending(now)
         return self._bursting
 
     def publish(self, runs: list[Any], now: datetime) -> None:
-        """Publish claimed runs in groups (the ``apply_entry`` of database tasks); each group is
-        marked published as soon as it is out. If the broker fails, the runs not marked are added
-        to those kept to be published again before anything new is claimed (publishing other
-        runs, such as upkeep's, never drops them)."""
+        """Publish claimed runs and mark them (the ``apply_entry`` of database tasks), before returning."""
+        self.finish_sending(now, following=runs)
+        self.finish_sending(now)
+
+    def start_sending(self, runs: list[Any]) -> None:
+        """Hand claimed runs to the publishing thread, which sends them in groups (one pipelined
+        round trip each where the broker allows it); :meth:`finish_sending` marks them. The
+        dispatcher is used by that thread only, one batch at a time."""
+        if self._sending is not None:
+            raise RuntimeError("a batch is already being published; finish_sending() first")
+        if not runs:
+            return
+        if self._sender is None:
+            self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sisy-publish")
+        self._sending = (self._sender.submit(self._send, runs, self.dispatcher), runs)
+
+    def _send(self, runs: list[Any], dispatcher: Dispatcher) -> tuple[list[tuple[list[Any], dict]], Exception | None]:
+        """In the publishing thread: each group's refusals, in order, up to a broker failure."""
+        out: list[tuple[list[Any], dict]] = []
         for start in range(0, len(runs), self.publish_group):
             group = runs[start:start + self.publish_group]
             try:
-                engine.publish(group, self.dispatcher, now)
-            except BrokerUnavailable:
-                kept = {run.pk for run in self._unsent}
-                self._unsent += [run for run in runs[start:] if run.pk not in kept]
+                out.append((group, engine.send(group, dispatcher)))
+            except BrokerUnavailable as exc:
+                return out, exc
+        return out, None
+
+    def finish_sending(self, now: datetime, following: list[Any] | None = None) -> None:
+        """Wait for the batch being published, start publishing ``following`` (the next batch),
+        then mark what went out, so the marking overlaps the next batch's publishing.
+
+        If the broker failed, the runs not sent (and ``following``) are kept to be published again
+        before anything new is claimed, and the failure is raised (publishing other runs, such as
+        upkeep's, never drops them).
+        """
+        sending, self._sending = self._sending, None
+        sent: list[tuple[list[Any], dict]] = []
+        if sending is not None:
+            future, runs = sending
+            try:
+                sent, failure = future.result()
+            except BaseException:  # the thread failed otherwise: which runs went out is unknown
+                self._keep(runs + (following or []))
                 raise
+            if failure is not None:
+                self._keep(runs[sum(len(group) for group, _ in sent):] + (following or []))
+                raise failure
+        self.start_sending(following or [])
+        for group, refused in sent:
+            engine.mark(group, refused, now)
             if logger.isEnabledFor(logging.DEBUG):
                 for run in group:
                     logger.debug("sisy task id=%s label=%r sent for slot %s (id %s)", run.task_id, run.task.label,
                                  run.slot.isoformat(), run_celery_id(run.task_id, run.slot))
-        if runs:
-            logger.info("sisy beat %s: published %d run(s)", self.ident, len(runs))
+        if sending is not None:
+            logger.info("sisy beat %s: published %d run(s)", self.ident, len(sending[1]))
+
+    def _keep(self, runs: list[Any]) -> None:
+        kept = {run.pk for run in self._unsent}
+        self._unsent += [run for run in runs if run.pk not in kept]
 
     @property
     def dispatcher(self) -> Dispatcher:
@@ -242,9 +296,18 @@ class Scheduler(beat.Scheduler):
         self._upkeep_at = time.monotonic() + self.upkeep_every
 
     def close(self) -> None:
-        """Stopping cleanly: say so in the health record, so ``sisy_status`` does not wait for it to age."""
+        """Stopping cleanly: the batch being published is marked, and the health record says so, so
+        ``sisy_status`` does not wait for it to age."""
         from .models import BeatProcess
 
+        try:
+            self.finish_sending(self.now())
+        except (DatabaseError, InterfaceError, BrokerUnavailable) as exc:
+            logger.warning("sisy beat %s stopped with a batch not marked published (another beat publishes "
+                           "it again; workers drop copies): %s", self.ident, exc)
+        if self._sender is not None:
+            self._sender.shutdown()
+            self._sender = None
         self.close_dispatcher()
         try:
             BeatProcess.objects.filter(ident=self.ident).update(stopped_at=self.now())
