@@ -7,6 +7,8 @@ after the database has been seen for a whole lease, and that an idle tick is one
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone as dt_timezone
+import threading
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -180,3 +182,86 @@ def test_a_database_error_backs_off_and_holds_lease_judgement(monkeypatch: pytes
     first, second = beat.tick_database(), beat.tick_database()
     assert 0 < first < second
     assert beat._lapse_after > 0.0, "a lapse is judged again only after a whole lease with the database"
+
+
+class GatedDispatcher(StubDispatcher):
+    """A stub whose first publish waits until ``gate`` is set (or 5 s pass): it shows whether
+    beat goes on claiming while a batch is being published. Records each call's thread."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gate = threading.Event()
+        self.waited_out = False
+        self.threads: list[str] = []
+
+    def publish(self, messages: Any) -> list:
+        self.threads.append(threading.current_thread().name)
+        if len(self.threads) == 1:
+            self.waited_out = not self.gate.wait(5)
+        return super().publish(messages)
+
+
+def burst(settings: Any, tasks: int = 7) -> list[Task]:
+    settings.SISY_BEAT_BATCH_SIZE = 3
+    return [every_second() for _ in range(tasks)]
+
+
+def states() -> Counter:
+    return Counter(Run.objects.values_list("state", flat=True))
+
+
+def test_a_burst_batch_is_published_while_the_next_is_claimed(monkeypatch: pytest.MonkeyPatch, settings: Any) -> None:
+    tasks = burst(settings)
+    stub = GatedDispatcher()
+    beat = scheduler(Clock(T0), stub)
+    beat.first_claim = 2
+    claim_due = engine.claim_due
+
+    def claim_then_open(now: datetime, limit: int, by: str) -> engine.Batch:
+        batch = claim_due(now, limit, by)
+        if Run.objects.count() > 2:  # the second claim is committed: let the first batch's publish go
+            stub.gate.set()
+        return batch
+
+    monkeypatch.setattr(engine, "claim_due", claim_then_open)
+    assert beat.tick_database() == 0.0
+    assert states() == {Run.CLAIMED: 2}, "the first batch is marked only after the next claim"
+    assert beat.tick_database() == 0.0
+    assert not stub.waited_out, "the second batch was claimed while the first one was being published"
+    assert states() == {Run.PUBLISHED: 2, Run.CLAIMED: 3}
+    assert beat.tick_database() > 0, "the burst is over"
+    assert states() == {Run.PUBLISHED: 7}, "the last batch is published and marked before its tick ends"
+    assert sorted(m.args[0] for m in stub.sent) == [task.pk for task in tasks], "each slot once"
+    assert set(stub.threads) == {"sisy-publish_0"}, "only the publishing thread uses the dispatcher"
+    beat.close()
+
+
+def test_a_broker_failure_in_a_burst_keeps_the_batch_and_the_one_claimed_after_it(settings: Any) -> None:
+    tasks = burst(settings)
+    clock, down = Clock(T0), StubDispatcher(down_at=0)
+    beat = scheduler(clock, down)
+    beat.first_claim = 2
+    assert beat.tick_database() == 0.0, "the failure is known only when the batch is finished"
+    assert beat.tick_database() > 0, "beat backs off"
+    assert states() == {Run.CLAIMED: 5} and len(beat._unsent) == 5
+    kept = [run.task_id for run in beat._unsent]
+    clock.advance(0.5)
+    assert beat.tick_database() > 0 and Run.objects.count() == 5, "nothing new is claimed while the broker is down"
+    beat.stub = up = StubDispatcher()
+    while beat.tick_database() == 0.0:
+        pass
+    sent = [m.args[0] for m in up.sent]
+    assert sent[:5] == kept, "the kept runs go first"
+    assert sorted(sent) == [task.pk for task in tasks], "then the rest, each slot once"
+    assert states() == {Run.PUBLISHED: 7}
+
+
+def test_a_stopping_beat_marks_the_batch_it_is_publishing(settings: Any) -> None:
+    burst(settings)
+    stub = StubDispatcher()
+    beat = scheduler(Clock(T0), stub)
+    beat.first_claim = 2
+    assert beat.tick_database() == 0.0
+    beat.close()
+    assert states() == {Run.PUBLISHED: 2} and len(stub.sent) == 2
+    assert beat._sender is None, "the publishing thread is shut down"
