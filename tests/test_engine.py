@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from django.db import OperationalError, connection, connections, transaction
+from django.db.models import Value
 from django.test.utils import override_settings
 
 from sisy_celery import engine
@@ -1079,3 +1080,25 @@ def test_the_run_ledger_keeps_only_the_indexes_its_queries_use() -> None:
     indexed = sorted(tuple(info["columns"]) for info in found.values()
                      if info["index"] or info["unique"] or info["primary_key"])
     assert indexed == sorted([("id",), ("task_id", "slot"), ("task_id", "state"), ("state", "claimed_at")])
+
+
+@pytest.mark.postgresql  # elsewhere the claim reads through the ORM as it is
+def test_the_claims_own_read_gives_what_the_orm_reads(settings: Any) -> None:
+    """On PostgreSQL the claim reads its rows with psycopg's timestamp loader and parses each distinct
+    JSON text once: every value must be what Django's loaders give, zone included."""
+    plain = make()
+    odd = make(due=T0 + timedelta(microseconds=123457), label="é ☃", queue="q",
+               priority=3, expires=30, allow_overlap=False, iterations=4)
+    Task.objects.filter(pk=odd.pk).update(
+        _extra_data={"nested": [1, 2.5, None, True, {"ü": "\\n\"quoted\""}], "big": 2**70},
+        start_running=datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        end_running=datetime(2200, 1, 1, tzinfo=UTC))
+    same_callable = make()
+    read = (Task.objects.due(T0 + timedelta(seconds=1)).annotate(unsettled=Value(0))
+            .values_list(*engine.DUE_COLUMNS, "unsettled"))
+    fast = [tuple(row) for row in engine._read_due(read)]
+    assert fast == list(read) and len(fast) == 3
+    assert all(value.tzinfo == UTC and value.utcoffset() == timedelta(0)
+               for row in fast for value in row if isinstance(value, datetime))
+    by_pk, func_info = {row[0]: row for row in fast}, engine.DUE_COLUMNS.index("_func_info")
+    assert by_pk[plain.pk][func_info] is by_pk[same_callable.pk][func_info], "one parse of one JSON text"
