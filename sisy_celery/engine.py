@@ -28,7 +28,7 @@ import logging
 import operator
 from dataclasses import dataclass
 from functools import reduce
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone as dt_timezone
 from typing import Any, Iterable, Sequence
 
 from django.db import connection, transaction
@@ -199,13 +199,13 @@ def claim_due(now: datetime, limit: int, beat: str) -> Batch:
 _JSON_COLUMNS = tuple(DUE_COLUMNS.index(name) for name in ("_func_info", "_extra_data"))
 
 
-def _read_due(read: Any) -> Iterable[tuple]:
+def _read_due(read: Any) -> Iterable[Sequence[Any]]:
     """The rows of the claim's read. On PostgreSQL with psycopg 3 (in UTC, as Django sets the session
     under USE_TZ) they are read on a cursor that loads timestamps with psycopg's own loader (its C
     one where installed) and each distinct JSON text is parsed once: a burst reads thousands of
     rows, and Django's per-value loaders (a Python subclass of the timestamp loader that replaces
     the zone, one ``json.loads`` a cell) cost more than the read itself."""
-    if connection.vendor != "postgresql" or connection.timezone_name != "UTC" or not hasattr(
+    if connection.vendor != "postgresql" or connection.timezone != dt_timezone.utc or not hasattr(
             connection.connection, "adapters"):  # psycopg2, or a session in another zone
         return read
     from psycopg import adapters, postgres

@@ -3,10 +3,10 @@
 Each tick asks the database only for the rows that are due (an index range scan on
 ``enabled, next_run``); when some are, the run ledger's engine claims their slots in one
 transaction per batch (one ``Run`` row per slot), and the claimed runs are published after
-the commit and marked published. Messages go out from a publishing thread of beat's own: in a
-burst, one batch is published while the next is claimed. Any number of beats can run at once: claims are disjoint,
-and runs a dead beat left claimed are published again by the others after
-``republish_after`` seconds (a worker runs one copy of a run only). Upkeep (runs whose lease
+the commit and marked published. Messages go out from a publishing thread of beat's own: in
+a burst, one batch is published while the next is claimed. Any number of beats can run at
+once: claims are disjoint, and runs a dead beat left claimed are published again by the others
+after ``republish_after`` seconds (a worker runs one copy of a run only). Upkeep (runs whose lease
 lapsed, retention, the health record) runs every ``upkeep_every`` seconds, so an idle tick
 stays one indexed query.
 """
