@@ -7,7 +7,9 @@ import os
 import secrets
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -42,6 +44,25 @@ def child_env(db: str, **extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+@contextmanager
+def unconfirmed_publishing() -> Iterator[None]:
+    """A variant of the Dispatcher that is not shipped, to measure what publisher confirms cost on
+    RabbitMQ: the channel is not put in confirm mode, and a batch counts as published once its
+    frames are written (as kombu's and Celery's publish do)."""
+    from sisy_celery.dispatch import _AmqpTransport
+
+    def confirming(self: _AmqpTransport) -> None:
+        self.tag, self.lowest, self.unconfirmed, self.nacked = 0, 1, {}, []
+
+    shipped = _AmqpTransport._confirming, _AmqpTransport._wait_confirms
+    _AmqpTransport._confirming = confirming
+    _AmqpTransport._wait_confirms = lambda self: self.unconfirmed.clear()
+    try:
+        yield
+    finally:
+        _AmqpTransport._confirming, _AmqpTransport._wait_confirms = shipped
 
 
 def emit(**record: object) -> None:

@@ -10,7 +10,8 @@ to raw kombu measured in the same run.
 * Dispatcher: ``Dispatcher.publish`` in batches of BENCH_DISPATCH_BATCH (1000) messages; on
   RabbitMQ each call returns once the broker has confirmed its batch, so that rate is bounded by
   the broker's own intake, while kombu's and Celery's publish return once the frames are written.
-  RabbitMQ gets one more row for that reason: raw kombu with ``confirm_publish``.
+  RabbitMQ gets two more rows for that reason: raw kombu with ``confirm_publish``, and the Dispatcher
+  without publisher confirms (a variant that is not shipped: what the confirms cost).
 
 Each is timed for 2,000 and 20,000 messages (BENCH_DISPATCH_SIZES), best of BENCH_DISPATCH_ROUNDS (2)
 rounds, and the queue is checked to hold every message. The broker is a Redis database of this
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from celery import Celery  # noqa: E402
 from kombu import Connection, Queue  # noqa: E402
 
+from common import unconfirmed_publishing  # noqa: E402
 from sisy_celery.dispatch import TASK_NAME, Dispatcher, Outgoing  # noqa: E402
 
 REDIS = os.environ.get("BENCH_DISPATCH_REDIS", "redis://127.0.0.1:6379/7")
@@ -118,6 +120,11 @@ def dispatcher(app: Celery, messages: list[Outgoing]) -> float:
     return elapsed
 
 
+def unconfirmed(app: Celery, messages: list[Outgoing]) -> float:
+    with unconfirmed_publishing():
+        return dispatcher(app, messages)
+
+
 def measure(url: str) -> dict[str, dict[int, float]]:
     """Rates (messages/s) of each publisher at each size: the best of ROUNDS rounds, queue checked."""
     app = Celery("sisy-bench-dispatch", broker=url, set_as_current=False)
@@ -134,6 +141,7 @@ def measure(url: str) -> dict[str, dict[int, float]]:
         # returns once the frames are written. The same guarantee costs kombu one round trip a message.
         kinds["raw kombu, confirm_publish"] = lambda m: raw_kombu(url, m, sample,
                                                                    transport_options={"confirm_publish": True})
+        kinds["Dispatcher, no confirms"] = lambda m: unconfirmed(app, m)
     rates: dict[str, dict[int, float]] = {kind: {} for kind in kinds}
     try:
         for n in SIZES:

@@ -21,7 +21,9 @@ import sys  # noqa: E402
 import threading  # noqa: E402
 from datetime import datetime, timedelta, timezone as dt_timezone  # noqa: E402
 
-from common import EVERY_MINUTE, FakeClock, ceil_minute, emit, setup_paths  # noqa: E402
+from common import (  # noqa: E402
+    EVERY_MINUTE, FakeClock, ceil_minute, emit, setup_paths, unconfirmed_publishing,
+)
 
 setup_paths()
 UTC = dt_timezone.utc
@@ -445,7 +447,9 @@ def main(argv: list[str]) -> None:
     if kind == "ours":
         ours(int(args[0]), float(args[1]), float(args[2]))
     elif kind == "beat":
-        beat_member(float(args[0]), float(args[1]), float(args[2]))
+        confirms = os.environ.get("BENCH_PUBLISH_CONFIRMS", "1") != "0"
+        with contextlib.nullcontext() if confirms else unconfirmed_publishing():
+            beat_member(float(args[0]), float(args[1]), float(args[2]))
     elif kind == "dcb":
         dcb(int(args[0]), float(args[1]))
     elif kind == "raw":

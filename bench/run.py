@@ -93,7 +93,7 @@ def layout(n: int, s1: float, boundary: float):
     step = n / every if every else n + 1
     busy = set()
     t = s1 - 180
-    while t <= boundary + 240:
+    while t <= boundary + 600:  # the single- and multi-beat bursts use the minutes after B
         stamp = datetime.fromtimestamp(t, UTC)
         busy.add((stamp.hour, stamp.minute))
         t += 60
@@ -181,9 +181,10 @@ def peak_rss_of(pid: int) -> float | None:
     return None
 
 
-def probe(args: list[str], db: str, timeout: float, first_timeout: float | None = None) -> dict:
-    """Run probe.py; return its '@@' records by phase. Stopped (and marked) when it overruns."""
-    process = subprocess.Popen([PY, str(BENCH / "probe.py"), *args], cwd=EXAMPLE, env=child_env(db),
+def probe(args: list[str], db: str, timeout: float, first_timeout: float | None = None, **env: str) -> dict:
+    """Run probe.py (``env`` added to its environment); return its '@@' records by phase. Stopped (and
+    marked) when it overruns."""
+    process = subprocess.Popen([PY, str(BENCH / "probe.py"), *args], cwd=EXAMPLE, env=child_env(db, **env),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     records: dict = {}
     errors: list[str] = []
@@ -265,28 +266,62 @@ def run_size(n: int, client: redis.Redis, keep: bool) -> dict:
     return result
 
 
-def multi_beat(n: int, boundary: float, client: redis.Redis, beats: int) -> dict:
-    """`beats` Scheduler processes on the same burst of the every-minute rows of the N-task database.
+def amqp_queue_check(url: str, expected: int, queue: str = QUEUE) -> dict:
+    """Consume every message of the RabbitMQ queue (waiting up to 30 s for ``expected`` of them): (task,
+    slot) pairs must be unique. Then delete the queue."""
+    from kombu import Connection
+
+    pairs: Counter = Counter()
+    with Connection(url) as conn:
+        channel = conn.default_channel
+
+        def count(message) -> None:
+            args = json.loads(message.body)[0]
+            pairs[(args[0], args[3])] += 1
+
+        channel.basic_qos(0, 1000, False)
+        tag = channel.basic_consume(queue, no_ack=True, callback=count)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                conn.drain_events(timeout=1.0 if sum(pairs.values()) >= expected else 5.0)
+            except TimeoutError:
+                if sum(pairs.values()) >= expected:
+                    break
+        channel.basic_cancel(tag)
+        channel.queue_delete(queue)
+    return {"messages": sum(pairs.values()), "duplicates": sum(c - 1 for c in pairs.values() if c > 1)}
+
+
+def multi_beat(n: int, boundary: float, client: redis.Redis, beats: int, slots: int | None = None,
+               broker: str = REDIS, **env: str) -> dict:
+    """`beats` Scheduler processes on the same burst of the every-minute rows of the N-task database
+    (the first ``slots`` of them, the others off until 2100), publishing to ``broker``.
 
     ``boundary`` lies in the minutes the seeded daily rows avoid, so only the every-minute rows are due.
     """
     name = f"sisy_bench_ours_{n}"
+    at = datetime.fromtimestamp(boundary, UTC)
     with psycopg.connect(db_url(name), autocommit=True) as conn:
-        expected = conn.execute(
-            "UPDATE sisy_celery_task SET next_run = %s, running = false "
-            "WHERE schedule = %s", (datetime.fromtimestamp(boundary, UTC), EVERY_MINUTE)).rowcount
+        conn.execute("UPDATE sisy_celery_task SET next_run = %s, running = false WHERE schedule = %s",
+                     (NEVER if slots else at, EVERY_MINUTE))
+        if slots:
+            conn.execute("UPDATE sisy_celery_task SET next_run = %s WHERE id IN (SELECT id FROM sisy_celery_task "
+                         "WHERE schedule = %s ORDER BY id LIMIT %s)", (at, EVERY_MINUTE, slots))
+        expected = conn.execute("SELECT count(*) FROM sisy_celery_task WHERE next_run = %s", (at,)).fetchone()[0]
         conn.execute("DELETE FROM sisy_celery_run")
     client.flushdb()
     t0 = time.time() + 6.0
     outputs: list[dict] = []
     threads = [threading.Thread(target=lambda: outputs.append(
-        probe(["beat", str(boundary), str(t0), "60"], name, timeout=120))) for _ in range(beats)]
+        probe(["beat", str(boundary), str(t0), "60"], name, timeout=120, CELERY_BROKER_URL=broker, **env)))
+        for _ in range(beats)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     members = [o["member"] for o in outputs if "member" in o]
-    check = queue_check(client)
+    check = queue_check(client) if broker == REDIS else amqp_queue_check(broker, expected)
     client.flushdb()
     published = sum(m["published"] for m in members)
     last = max((m["last_s"] for m in members if m["last_s"] is not None), default=None)
@@ -294,6 +329,37 @@ def multi_beat(n: int, boundary: float, client: redis.Redis, beats: int) -> dict
     return {"beats": beats, "expected": expected, "published": published, "first_s": first, "last_s": last,
             "rate": published / last if last else None, "per_beat": [m["published"] for m in members],
             "queue_messages": check["messages"], "duplicates": check["duplicates"]}
+
+
+def rabbitmq_bursts(n: int, boundary: float, client: redis.Redis) -> dict:
+    """One beat on a 2,000- and a 20,000-slot burst of the N-task database, publishing to RabbitMQ
+    (the virtual host of bench/dispatch.py): with publisher confirms, as shipped, and without them (a
+    variant that is not shipped, to show what they cost); then raw kombu's publish rate to the same
+    broker, for the ratios. ``boundary`` is the first of four free minutes."""
+    import dispatch as publish_only
+
+    url = publish_only.amqp_url()
+    bursts = []
+    for slots in (2000, 20000):
+        for confirms in (True, False):
+            log(f"RabbitMQ: one beat on a {slots:,}-slot burst, publisher confirms {'on' if confirms else 'off'}")
+            burst = multi_beat(n, boundary + 60 * len(bursts), client, 1, slots=slots, broker=url,
+                               BENCH_PUBLISH_CONFIRMS="1" if confirms else "0")
+            bursts.append({**burst, "slots": slots, "confirms": confirms})
+    log("RabbitMQ: raw kombu publish rate")
+    slot = datetime.fromtimestamp(boundary, UTC)
+    best = 0.0
+    try:
+        for _round in range(2):
+            seconds = publish_only.raw_kombu(url, publish_only.runs(20000, slot), {"periodic_task_name": "sisy:1"})
+            if publish_only.settled_length(url, 20000) != 20000:
+                raise RuntimeError("raw kombu: RabbitMQ does not hold all 20,000 messages")
+            publish_only.purge(url)
+            best = max(best, 20000 / seconds)
+    finally:
+        with publish_only.Connection(url) as conn:
+            conn.default_channel.queue_delete(publish_only.QUEUE)
+    return {"n": n, "bursts": bursts, "raw_rate": best}
 
 
 def drain(db: str, kind: str, queue: str, task_name: str, m: int, pool: list[str], env: dict) -> float:
@@ -376,7 +442,8 @@ def ratio(dcb, ours, higher_is_better: bool = False) -> str:
     return f"{dcb / ours:,.1f}x"
 
 
-def report(results: list[dict], raw: dict, beats: list[dict], worker: dict, meta: dict) -> str:
+def report(results: list[dict], raw: dict, beats: list[dict], worker: dict, meta: dict,
+           rabbit: dict | None = None) -> str:
     lines = ["", "=" * 100, "sisy-celery scheduler benchmark vs django-celery-beat "
              f"(machine: {meta['cores']} cores, PostgreSQL + Redis on localhost)",
              f"load average at the start {meta['load_at_start']}, at the end {meta['load_at_end']}; "
@@ -496,6 +563,23 @@ def report(results: list[dict], raw: dict, beats: list[dict], worker: dict, meta
                       f"{100 * (best['rate'] or 0) / raw['rate']:.0f}% of {raw['rate']:,.0f} /s"))
         goals.append(("several beats: no slot published twice", all(b["duplicates"] == 0 and
                       b["published"] == b["expected"] for b in beats), "checked in the Redis queue"))
+    if rabbit:
+        raw_rate = rabbit["raw_rate"]
+        lines += ["", f"RabbitMQ: one beat on a burst (N={rabbit['n']:,} database), raw kombu "
+                  f"Producer.publish to the same broker {raw_rate:,.0f} /s (frames written, no confirms)",
+                  f"{'slots':>7} {'publisher confirms':>19} {'first out':>10} {'last out':>9} {'rate':>10} "
+                  f"{'x raw':>6} {'duplicates':>11}"]
+        for b in rabbit["bursts"]:
+            lines.append(f"{b['expected']:>7,} {'on (shipped)' if b['confirms'] else 'off (variant)':>19} "
+                         f"{f(b['first_s'], ' s', 3):>10} {f(b['last_s'], ' s', 3):>9} {f(b['rate'], ' /s', 0):>10} "
+                         f"{(b['rate'] or 0) / raw_rate:>5.2f}x {b['duplicates']:>11}  (queue holds "
+                         f"{b['queue_messages']:,})")
+        shipped = [b for b in rabbit["bursts"] if b["confirms"]]
+        worst = min((b["rate"] or 0) / raw_rate for b in shipped)
+        goals.append(("RabbitMQ: one beat's burst >= 1.5x raw kombu", worst >= 1.5,
+                      f"lowest {worst:.2f}x (publisher confirms on)"))
+        goals.append(("RabbitMQ: no slot published twice", all(b["duplicates"] == 0 and b["published"] == b["expected"]
+                      for b in rabbit["bursts"]), "checked in the RabbitMQ queue"))
     if worker:
         lines += ["", f"Worker: {worker['messages']:,} messages, `celery worker -c 2` (prefork), django-db results, "
                   f"best of {worker['rounds']} alternating rounds (sisy: "
@@ -538,7 +622,8 @@ RESULTS_JSON = BENCH / "last-results.json"
 def main() -> int:
     if sys.argv[1:2] == ["--report"]:
         saved = json.loads(Path(sys.argv[2] if len(sys.argv) > 2 else RESULTS_JSON).read_text())
-        print(report(saved["results"], saved["raw"], saved["beats"], saved["worker"], saved["meta"]))
+        print(report(saved["results"], saved["raw"], saved["beats"], saved["worker"], saved["meta"],
+                     saved.get("rabbit")))
         return 0
     started = time.monotonic()
     load_at_start = load_now()
@@ -560,6 +645,7 @@ def main() -> int:
     for count in (1, 2, 3):
         log(f"{count} beat(s) on the {every_minute_count(burst_n):,}-slot burst")
         beats.append(multi_beat(burst_n, seeded + 60 * count, client, count))
+    rabbit = rabbitmq_bursts(burst_n, seeded + 60 * 4, client)
     drop(f"sisy_bench_ours_{burst_n}")
 
     log("worker throughput")
@@ -569,8 +655,8 @@ def main() -> int:
     meta = {"cores": os.cpu_count(), "load_at_start": load_at_start, "load_at_end": load_now(),
             "version": source_version(), "seconds": time.monotonic() - started}
     RESULTS_JSON.write_text(json.dumps({"results": results, "raw": raw, "beats": beats, "worker": worker,
-                                        "meta": meta}, default=str))
-    print(report(results, raw, beats, worker, meta))
+                                        "meta": meta, "rabbit": rabbit}, default=str))
+    print(report(results, raw, beats, worker, meta, rabbit))
     print(f"\n(benchmark took {time.monotonic() - started:.0f} s)")
     return 0
 
