@@ -232,8 +232,13 @@ def queue_check(client: redis.Redis, queue: str = QUEUE) -> dict:
         args = decode_message(message)
         pairs[(args[0], args[3])] += 1
     sizes = sorted(len(m) for m in raw)
-    return {"messages": len(raw), "duplicates": sum(c - 1 for c in pairs.values() if c > 1),
-            "size": sizes[len(sizes) // 2] if sizes else 0, "slots": Counter(slot for _, slot in pairs)}
+    return {**tally(pairs), "size": sizes[len(sizes) // 2] if sizes else 0,
+            "slots": Counter(slot for _, slot in pairs)}
+
+
+def tally(pairs: Counter) -> dict:
+    """Messages counted by (task, slot): how many, and how many are copies of another."""
+    return {"messages": sum(pairs.values()), "duplicates": sum(c - 1 for c in pairs.values() if c > 1)}
 
 
 # -- the benchmark ------------------------------------------------------------------------------
@@ -292,7 +297,7 @@ def amqp_queue_check(url: str, expected: int, queue: str = QUEUE) -> dict:
                     break
         channel.basic_cancel(tag)
         channel.queue_delete(queue)
-    return {"messages": sum(pairs.values()), "duplicates": sum(c - 1 for c in pairs.values() if c > 1)}
+    return tally(pairs)
 
 
 def multi_beat(n: int, boundary: float, client: redis.Redis, beats: int, slots: int | None = None,
